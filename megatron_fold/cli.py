@@ -1,0 +1,166 @@
+"""`megatron-fold` command line: explain a layout, plan layouts for a model and a cluster.
+
+Invalid input exits with status 2 and a one-paragraph message, never a traceback: users paste these
+commands from Slurm scripts and need the constraint, not our stack.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from megatron_fold.layout import DEFAULT_ORDER, GROUP_NAMES, FoldedLayout, LayoutError
+
+# Groups whose placement decides whether a layout is fast: EP all-to-all, ETP x EP dispatch, TP x CP.
+_PLACEMENT_GROUPS = {"ep": "EP", "tp_ep": "ETP x EP", "tp_cp": "TP x CP"}
+
+
+class UsageError(Exception):
+    """Bad command-line input; printed as `megatron-fold: error: ...` with exit status 2."""
+
+
+def _layout_from_args(args) -> FoldedLayout:
+    return FoldedLayout(
+        world_size=args.world,
+        tp=args.tp,
+        cp=args.cp,
+        pp=args.pp,
+        ep=args.ep,
+        etp=args.etp,
+        order=args.order,
+        gpus_per_node=args.gpus_per_node,
+        num_experts=args.num_experts,
+    )
+
+
+def layout_warnings(layout: FoldedLayout) -> list[str]:
+    """Advice worth acting on; each names the numbers and what to change."""
+    out = []
+    gpn = layout.gpus_per_node
+    if not layout.intra_node("tp_ep"):
+        out.append(
+            f"the ETP x EP group ({layout.etp} x {layout.ep} = {layout.etp * layout.ep} ranks) crosses nodes "
+            f"({gpn} GPUs per node): the MoE all-to-all then runs over the network; the paper keeps "
+            "ETP x EP inside a node where it can"
+        )
+    if not layout.intra_node("tp"):
+        out.append(f"TP {layout.tp} is larger than a node ({gpn} GPUs): tensor-parallel all-reduces cross the network")
+    if layout.etp > 1:
+        out.append(
+            f"ETP {layout.etp} > 1: the paper and Megatron-Core recommend ETP = 1 (expert GEMMs are already "
+            "small; ETP adds an all-gather and a reduce-scatter per MoE layer); try --etp 1 with a larger EP"
+        )
+    if layout.order != DEFAULT_ORDER and layout.pp > 1:
+        out.append(
+            f"order {layout.order!r} with PP > 1 forces EDP == DP (ETP*EP == TP*CP): folding is "
+            f"restricted; order {DEFAULT_ORDER!r} folds freely"
+        )
+    if layout.num_experts is None and layout.ep > 1:
+        out.append("pass --num-experts to check that the experts divide evenly over EP")
+    return out
+
+
+def explain_dict(layout: FoldedLayout) -> dict:
+    return {
+        "world_size": layout.world_size,
+        "gpus_per_node": layout.gpus_per_node,
+        "order": layout.order,
+        "attention_grid": {"tp": layout.tp, "cp": layout.cp, "dp": layout.dp, "pp": layout.pp},
+        "expert_grid": {"etp": layout.etp, "ep": layout.ep, "edp": layout.edp, "pp": layout.pp},
+        "folded": layout.is_folded,
+        "intra_node": {name: layout.intra_node(name) for name in GROUP_NAMES},
+        "groups": {name: layout.groups(name) for name in GROUP_NAMES},
+        "megatron_args": layout.megatron_args(),
+        "warnings": layout_warnings(layout),
+    }
+
+
+def _compact(groups: list[list[int]], limit: int = 4) -> str:
+    shown = " ".join(str(g) for g in groups[:limit])
+    return shown + (f" ... ({len(groups)} groups)" if len(groups) > limit else "")
+
+
+def explain_text(layout: FoldedLayout, rank: int | None) -> str:
+    lines = [
+        f"world {layout.world_size} = {layout.num_nodes} node(s) x {layout.gpus_per_node} GPUs, order {layout.order}",
+        f"attention grid: TP {layout.tp} x CP {layout.cp} x DP {layout.dp} x PP {layout.pp}",
+        f"expert grid:    ETP {layout.etp} x EP {layout.ep} x EDP {layout.edp} x PP {layout.pp}"
+        + ("   (folded)" if layout.is_folded else "   (not folded: same as attention grid)"),
+        "",
+        "placement:",
+    ]
+    for name, label in _PLACEMENT_GROUPS.items():
+        where = "inside one node" if layout.intra_node(name) else "CROSSES NODES"
+        lines.append(f"  {label:<9} groups of {len(layout.groups(name)[0]):>4} ranks: {where}")
+    lines.append("")
+    if rank is not None:
+        coords = layout.rank_coords(rank)
+        lines.append(f"rank {rank} (node {layout.node_of(rank)}): " + " ".join(f"{k}={v}" for k, v in coords.items()))
+        for name in GROUP_NAMES:
+            g = layout.group_of(name, rank)
+            lines.append(f"  {name:<9} {g}  nodes {layout.nodes_of(g)}")
+    else:
+        lines.append("groups:")
+        for name in GROUP_NAMES:
+            lines.append(f"  {name:<9} {_compact(layout.groups(name))}")
+    lines += ["", "Megatron-LM arguments: " + " ".join(layout.megatron_args())]
+    warnings = layout_warnings(layout)
+    if warnings:
+        lines += ["", "warnings:"] + [f"  - {w}" for w in warnings]
+    return "\n".join(lines)
+
+
+def _add_layout_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--world", type=int, required=True, help="number of GPUs (ranks)")
+    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--cp", type=int, default=1)
+    p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--ep", type=int, default=1)
+    p.add_argument("--etp", type=int, default=None, help="expert tensor parallel size (default: TP)")
+    p.add_argument("--order", default=DEFAULT_ORDER)
+    p.add_argument("--num-experts", type=int, default=None)
+
+
+def cmd_explain(args) -> int:
+    layout = _layout_from_args(args)
+    if args.rank is not None and not 0 <= args.rank < layout.world_size:
+        raise UsageError(f"--rank {args.rank} is outside the world of {layout.world_size} ranks")
+    if args.json:
+        print(json.dumps(explain_dict(layout), indent=1))
+    else:
+        print(explain_text(layout, args.rank))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="megatron-fold", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("explain", help="print both grids, the groups and placement of a folded layout")
+    _add_layout_arguments(p)
+    p.add_argument("--rank", type=int, default=None, help="show every group of this rank")
+    p.add_argument("--json", action="store_true", help="machine-readable, with every group")
+    p.set_defaults(func=cmd_explain)
+
+    from megatron_fold.plan import command as plan_command
+
+    p = sub.add_parser("plan", help="rank folded layouts for a model and a cluster")
+    plan_command.add_arguments(p)
+    p.set_defaults(func=plan_command.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (LayoutError, UsageError, ValueError) as e:
+        print(f"megatron-fold: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,255 @@
+"""FoldedLayout: the two parallel grids of MoE Parallel Folding, in pure Python.
+
+Attention layers run on a TP x CP x DP x PP grid, MoE layers on an ETP x EP x EDP x PP grid over the
+same ranks (arXiv 2504.14960). Megatron-Core builds both grids with two `RankGenerator`s that share one
+order string (attention: tp, cp, dp, pp with ep = 1; experts: tp := ETP, ep, dp := EDP, pp with cp = 1).
+This module reproduces that arithmetic exactly, without torch, so that layouts can be explained,
+validated and searched on a laptop in milliseconds; tests prove equality with Megatron's generator.
+
+Rank numbering: in an order string the leftmost dimension varies fastest (smallest stride), so the
+default "tp-cp-ep-dp-pp" puts TP peers on adjacent ranks and PP stages furthest apart.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+__all__ = ["FoldedLayout", "LayoutError", "GROUP_NAMES", "DEFAULT_ORDER", "TP_PP_DP_ORDER"]
+
+DEFAULT_ORDER = "tp-cp-ep-dp-pp"
+# Megatron-LM's --use-tp-pp-dp-mapping.
+TP_PP_DP_ORDER = "tp-cp-ep-pp-dp"
+_DIMS = ("tp", "cp", "ep", "dp", "pp")
+
+# group name -> (grid, tokens passed to Megatron's RankGenerator.get_ranks)
+_GROUP_TOKENS: dict[str, tuple[str, str]] = {
+    "tp": ("attention", "tp"),
+    "cp": ("attention", "cp"),
+    "dp": ("attention", "dp"),
+    "dp_cp": ("attention", "dp-cp"),
+    "tp_cp": ("attention", "tp-cp"),
+    "pp": ("attention", "pp"),
+    "mp": ("attention", "tp-pp"),
+    "tp_dp_cp": ("attention", "tp-dp-cp"),
+    "ep": ("expert", "ep"),
+    "etp": ("expert", "tp"),
+    "tp_ep": ("expert", "tp-ep"),
+    "tp_ep_pp": ("expert", "tp-ep-pp"),
+    "edp": ("expert", "dp"),
+}
+GROUP_NAMES: tuple[str, ...] = tuple(_GROUP_TOKENS)
+
+
+class LayoutError(ValueError):
+    """An impossible parallel layout. `violations` lists every violated constraint, one per line."""
+
+    def __init__(self, violations: list[str]):
+        self.violations = list(violations)
+        super().__init__(
+            "invalid folded layout:\n" + "\n".join(f"  - {v}" for v in self.violations)
+        )
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _fmt(values: list[int]) -> str:
+    return ", ".join(str(v) for v in values) if values else "none"
+
+
+def masked_orthogonal_groups(sizes: list[int], mask: list[bool]) -> list[list[int]]:
+    """All rank groups spanning the masked dimensions of a grid.
+
+    Same enumeration as Megatron's `generate_masked_orthogonal_rank_groups`: groups are numbered by the
+    unmasked coordinates and ranks inside a group by the masked ones, leftmost dimension fastest.
+    """
+    strides = [math.prod(sizes[:i]) for i in range(len(sizes))]
+    masked = [(s, st) for s, st, m in zip(sizes, strides, mask) if m]
+    unmasked = [(s, st) for s, st, m in zip(sizes, strides, mask) if not m]
+
+    def offsets(dims: list[tuple[int, int]]) -> list[int]:
+        out = [0]
+        for size, stride in dims:  # leftmost varies fastest
+            out = [base + i * stride for i in range(size) for base in out]
+        return out
+
+    inner = offsets(masked)
+    return [[base + o for o in inner] for base in offsets(unmasked)]
+
+
+@dataclass(frozen=True)
+class FoldedLayout:
+    """One folded layout; construction validates it and raises LayoutError naming every violation."""
+
+    world_size: int
+    tp: int = 1
+    cp: int = 1
+    pp: int = 1
+    ep: int = 1
+    etp: int | None = None  # None: ETP = TP, as in Megatron
+    order: str = DEFAULT_ORDER
+    gpus_per_node: int = 8
+    num_experts: int | None = None
+    _groups_cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        if self.etp is None:
+            object.__setattr__(self, "etp", self.tp)
+        object.__setattr__(self, "order", self.order.lower())
+        violations = self._violations()
+        if violations:
+            raise LayoutError(violations)
+
+    # ---- derived sizes -------------------------------------------------------------------------
+    @property
+    def dp(self) -> int:
+        return self.world_size // (self.tp * self.cp * self.pp)
+
+    @property
+    def edp(self) -> int:
+        return self.world_size // (self.etp * self.ep * self.pp)
+
+    @property
+    def num_nodes(self) -> int:
+        return -(-self.world_size // self.gpus_per_node)
+
+    @property
+    def is_folded(self) -> bool:
+        """True when the MoE grid is not a re-labelling of the attention grid (the paper's folding)."""
+        return not (self.etp == self.tp and (self.cp * self.dp) % self.ep == 0)
+
+    def megatron_args(self) -> list[str]:
+        args = [
+            f"--tensor-model-parallel-size={self.tp}",
+            f"--context-parallel-size={self.cp}",
+            f"--pipeline-model-parallel-size={self.pp}",
+            f"--expert-model-parallel-size={self.ep}",
+            f"--expert-tensor-parallel-size={self.etp}",
+        ]
+        if self.order == TP_PP_DP_ORDER:
+            args.append("--use-tp-pp-dp-mapping")
+        return args
+
+    # ---- validation ----------------------------------------------------------------------------
+    def _violations(self) -> list[str]:
+        out: list[str] = []
+        sizes = {"world_size": self.world_size, "tp": self.tp, "cp": self.cp, "pp": self.pp,
+                 "ep": self.ep, "etp": self.etp, "gpus_per_node": self.gpus_per_node}
+        if self.num_experts is not None:
+            sizes["num_experts"] = self.num_experts
+        bad = [f"{k}={v!r}" for k, v in sizes.items() if not isinstance(v, int) or isinstance(v, bool) or v < 1]
+        if bad:
+            return [f"sizes must be positive integers, got {', '.join(bad)}"]
+
+        tokens = self.order.split("-")
+        if sorted(tokens) != sorted(_DIMS):
+            out.append(
+                f"order {self.order!r} must name each of tp, cp, ep, dp, pp exactly once "
+                f"(e.g. {DEFAULT_ORDER!r}, or {TP_PP_DP_ORDER!r} for --use-tp-pp-dp-mapping)"
+            )
+        W = self.world_size
+        attn = self.tp * self.cp * self.pp
+        if W % attn:
+            fit_tp = [t for t in _divisors(W // math.gcd(W, self.cp * self.pp)) if W % (t * self.cp * self.pp) == 0]
+            out.append(
+                f"world_size {W} is not divisible by TP*CP*PP = {self.tp}*{self.cp}*{self.pp} = {attn}; "
+                f"TP values that fit: {_fmt(fit_tp)}"
+            )
+        expert = self.etp * self.ep * self.pp
+        if W % expert:
+            fit_ep = [e for e in _divisors(W) if W % (self.etp * e * self.pp) == 0]
+            if self.num_experts is not None:
+                fit_ep = [e for e in fit_ep if self.num_experts % e == 0]
+            out.append(
+                f"world_size {W} is not divisible by ETP*EP*PP = {self.etp}*{self.ep}*{self.pp} = {expert}; "
+                f"EP values that fit: {_fmt(fit_ep)}"
+            )
+        if self.num_experts is not None and self.num_experts % self.ep:
+            fit = [e for e in _divisors(self.num_experts) if W % (self.etp * e * self.pp) == 0]
+            out.append(
+                f"num_experts {self.num_experts} is not divisible by EP {self.ep}; EP values that fit: {_fmt(fit)}"
+            )
+        if out:
+            return out
+        # Megatron asserts this in initialize_model_parallel: with PP not outermost the two grids only
+        # share PP groups when both have the same DP size.
+        if not self.order.endswith("pp") and self.pp > 1 and self.edp != self.dp:
+            out.append(
+                f"order {self.order!r} does not end with pp, so with PP {self.pp} > 1 Megatron requires "
+                f"EDP == DP, got EDP {self.edp} != DP {self.dp} (need ETP*EP == TP*CP = {self.tp * self.cp}); "
+                f"use order {DEFAULT_ORDER!r} to fold freely"
+            )
+        elif self.groups("pp") != self._expert_pp_groups():
+            out.append(
+                "pipeline groups of the attention grid and the expert grid differ "
+                f"(attention {self.groups('pp')[:2]}..., expert {self._expert_pp_groups()[:2]}...); "
+                f"put pp last in the order, e.g. {DEFAULT_ORDER!r}"
+            )
+        return out
+
+    # ---- groups --------------------------------------------------------------------------------
+    def _grid(self, grid: str) -> tuple[list[str], list[int]]:
+        size = (
+            {"tp": self.tp, "cp": self.cp, "ep": 1, "dp": self.dp, "pp": self.pp}
+            if grid == "attention"
+            else {"tp": self.etp, "cp": 1, "ep": self.ep, "dp": self.edp, "pp": self.pp}
+        )
+        tokens = self.order.split("-")
+        return tokens, [size[t] for t in tokens]
+
+    def _ranks(self, grid: str, token: str) -> list[list[int]]:
+        key = (grid, token)
+        if key not in self._groups_cache:
+            tokens, sizes = self._grid(grid)
+            wanted = token.split("-")
+            self._groups_cache[key] = masked_orthogonal_groups(sizes, [t in wanted for t in tokens])
+        return self._groups_cache[key]
+
+    def _expert_pp_groups(self) -> list[list[int]]:
+        return self._ranks("expert", "pp")
+
+    def groups(self, name: str) -> list[list[int]]:
+        """Every group of kind `name`, exactly as Megatron-Core creates them (see GROUP_NAMES)."""
+        if name not in _GROUP_TOKENS:
+            raise KeyError(f"unknown group {name!r}; known groups: {', '.join(GROUP_NAMES)}")
+        return self._ranks(*_GROUP_TOKENS[name])
+
+    def group_of(self, name: str, rank: int) -> list[int]:
+        if not 0 <= rank < self.world_size:
+            raise ValueError(f"rank {rank} is outside world_size {self.world_size}")
+        for g in self.groups(name):
+            if rank in g:
+                return g
+        raise AssertionError(f"rank {rank} is in no {name} group")  # impossible for a valid layout
+
+    def rank_coords(self, rank: int) -> dict[str, int]:
+        """The rank's coordinate in every dimension of both grids (etp/ep/edp are the expert grid's)."""
+        if not 0 <= rank < self.world_size:
+            raise ValueError(f"rank {rank} is outside world_size {self.world_size}")
+        coords = {}
+        for grid, names in (("attention", {"tp": "tp", "cp": "cp", "dp": "dp", "pp": "pp"}),
+                            ("expert", {"tp": "etp", "ep": "ep", "dp": "edp"})):
+            tokens, sizes = self._grid(grid)
+            rest = rank
+            for t, s in zip(tokens, sizes):
+                if t in names:
+                    coords[names[t]] = rest % s
+                rest //= s
+        return coords
+
+    # ---- placement -----------------------------------------------------------------------------
+    def node_of(self, rank: int) -> int:
+        return rank // self.gpus_per_node
+
+    def nodes_of(self, group: list[int]) -> list[int]:
+        return sorted({self.node_of(r) for r in group})
+
+    def intra_node(self, name: str) -> bool:
+        """True when every `name` group stays inside one node (NVLink rather than the network)."""
+        return all(len(self.nodes_of(g)) == 1 for g in self.groups(name))
+
+    def placement(self, name: str) -> list[dict]:
+        return [{"ranks": g, "nodes": self.nodes_of(g), "intra_node": len(self.nodes_of(g)) == 1}
+                for g in self.groups(name)]

@@ -1,0 +1,1 @@
+"""Cost model and search behind `megatron-fold plan`."""
