@@ -1,0 +1,171 @@
+"""Folded process groups, built by Megatron-Core and checked against FoldedLayout.
+
+We never re-implement Megatron's globals: `megatron.core.parallel_state.initialize_model_parallel`
+builds the attention grid and the expert grid itself. What we add is a check that every group it built
+for this rank is the one FoldedLayout predicts (so `explain` and `plan` describe what really runs), and
+the `ProcessGroupCollection` our MoE modules take explicitly instead of reading globals.
+
+Expert parameters: Megatron reduces a parameter's gradient over DP x CP when `param.allreduce` is True
+(the default) and over the expert data-parallel group (EDP) when it is False. Megatron-Core 0.19's
+linear layers set `allreduce = not (is_expert and (EP > 1 or ETP != TP))`, which is right; modules
+built outside those layers (custom experts, TE-less grouped GEMMs, modules copied from checkpoints)
+carry no tag and would silently be reduced over the wrong group. `check_expert_params` finds them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as mpu
+from megatron.core.process_groups_config import ProcessGroupCollection
+
+from megatron_fold.layout import GROUP_NAMES, FoldedLayout
+
+__all__ = [
+    "initialize_model_parallel",
+    "destroy_model_parallel",
+    "megatron_group",
+    "expert_params_use_edp",
+    "check_expert_params",
+    "ExpertParamMismatch",
+]
+
+# Our group names -> Megatron-Core getters (the ones its modules use).
+_MEGATRON_GETTERS = {
+    "tp": lambda: mpu.get_tensor_model_parallel_group(),
+    "cp": lambda: mpu.get_context_parallel_group(),
+    "dp": lambda: mpu.get_data_parallel_group(with_context_parallel=False),
+    "dp_cp": lambda: mpu.get_data_parallel_group(with_context_parallel=True),
+    "tp_cp": lambda: mpu.get_tensor_and_context_parallel_group(),
+    "pp": lambda: mpu.get_pipeline_model_parallel_group(),
+    "mp": lambda: mpu.get_model_parallel_group(),
+    "tp_dp_cp": lambda: mpu.get_tensor_and_data_parallel_group(with_context_parallel=True),
+    "ep": lambda: mpu.get_expert_model_parallel_group(),
+    "etp": lambda: mpu.get_expert_tensor_parallel_group(),
+    "tp_ep": lambda: mpu.get_expert_tensor_and_model_parallel_group(),
+    "tp_ep_pp": lambda: mpu.get_expert_tensor_model_pipeline_parallel_group(),
+    "edp": lambda: mpu.get_expert_data_parallel_group(),
+}
+assert set(_MEGATRON_GETTERS) == set(GROUP_NAMES)
+
+# The ProcessGroupCollection fields our modules read (Megatron's names).
+_COLLECTION_FIELDS = ["tp", "cp", "tp_cp", "pp", "mp", "dp", "dp_cp", "tp_dp_cp",
+                      "ep", "expt_tp", "tp_ep", "tp_ep_pp", "expt_dp"]
+
+
+def megatron_group(name: str) -> dist.ProcessGroup:
+    """This rank's group `name` (one of GROUP_NAMES) as Megatron-Core holds it."""
+    return _MEGATRON_GETTERS[name]()
+
+
+def initialize_model_parallel(layout: FoldedLayout, **megatron_kwargs) -> ProcessGroupCollection:
+    """Build the folded groups through Megatron-Core, verify them, return them as a collection.
+
+    `megatron_kwargs` pass through to Megatron (e.g. `virtual_pipeline_model_parallel_size`); the five
+    sizes and the order come from `layout` only, so they cannot disagree with it.
+    """
+    if not dist.is_initialized():
+        raise RuntimeError("torch.distributed must be initialized before initialize_model_parallel(layout)")
+    world = dist.get_world_size()
+    if world != layout.world_size:
+        raise ValueError(
+            f"layout is for world_size {layout.world_size} but torch.distributed has {world} ranks"
+        )
+    owned = {"tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size",
+             "expert_model_parallel_size", "expert_tensor_parallel_size", "order"}
+    clash = owned & set(megatron_kwargs)
+    if clash:
+        raise ValueError(f"{sorted(clash)} come from the FoldedLayout; do not pass them separately")
+    megatron_kwargs.setdefault("create_gloo_process_groups", dist.get_backend() != "gloo")
+    mpu.initialize_model_parallel(
+        tensor_model_parallel_size=layout.tp,
+        pipeline_model_parallel_size=layout.pp,
+        context_parallel_size=layout.cp,
+        expert_model_parallel_size=layout.ep,
+        expert_tensor_parallel_size=layout.etp,
+        order=layout.order,
+        **megatron_kwargs,
+    )
+    verify_groups(layout)
+    return ProcessGroupCollection.use_mpu_process_groups(required_pgs=_COLLECTION_FIELDS)
+
+
+def verify_groups(layout: FoldedLayout) -> None:
+    """Raise if any group Megatron built for this rank differs from the layout's prediction."""
+    rank = dist.get_rank()
+    differing = []
+    for name in GROUP_NAMES:
+        built = sorted(dist.get_process_group_ranks(megatron_group(name)))
+        predicted = layout.group_of(name, rank)
+        if built != predicted:
+            differing.append(f"{name}: Megatron built {built}, layout predicts {predicted}")
+    if differing:
+        raise RuntimeError(
+            f"rank {rank}: Megatron-Core's groups differ from FoldedLayout {layout}:\n  " + "\n  ".join(differing)
+        )
+
+
+def destroy_model_parallel() -> None:
+    mpu.destroy_model_parallel()
+
+
+# ---- expert parameters ------------------------------------------------------------------------------
+
+def expert_params_use_edp(layout: FoldedLayout) -> bool:
+    """Whether expert gradients must be reduced over EDP rather than DP x CP.
+
+    When EP = 1 and ETP = TP the expert grid is the attention grid and both groups are the same ranks;
+    otherwise they differ and reducing over DP x CP would average different experts' gradients.
+    """
+    return layout.ep > 1 or layout.etp != layout.tp
+
+
+class ExpertParamMismatch(RuntimeError):
+    pass
+
+
+def _expert_param_names(model: torch.nn.Module) -> set[str]:
+    """Parameters of routed-expert modules: Megatron's experts classes and any module marked expert."""
+    from megatron.core.transformer.moe import experts as moe_experts
+
+    expert_types = tuple(
+        getattr(moe_experts, n) for n in ("SequentialMLP", "GroupedMLP", "TEGroupedMLP") if hasattr(moe_experts, n)
+    )
+    names = set()
+    for mod_name, mod in model.named_modules():
+        if isinstance(mod, expert_types) or getattr(mod, "is_fold_expert_module", False):
+            prefix = f"{mod_name}." if mod_name else ""
+            names.update(prefix + p for p, _ in mod.named_parameters())
+    return names
+
+
+def check_expert_params(model: torch.nn.Module, layout: FoldedLayout, fix: bool = False) -> list[str]:
+    """Check (and with `fix`, set) `param.allreduce` so expert gradients reduce over the right group.
+
+    Returns the names of mis-tagged parameters (empty when everything is right). Without `fix`, any
+    mis-tagged parameter raises ExpertParamMismatch naming them, since training on would be silently
+    wrong. Non-expert parameters must never be tagged expert (that would skip their DP reduction).
+    """
+    expert = _expert_param_names(model)
+    want_edp = expert_params_use_edp(layout)
+    wrong = []
+    for name, param in model.named_parameters():
+        is_expert = name in expert
+        expected_allreduce = not (is_expert and want_edp)
+        actual = getattr(param, "allreduce", True)
+        # With EP = 1 and ETP = TP both groups coincide, so either tag reduces correctly.
+        if is_expert and not want_edp:
+            continue
+        if actual != expected_allreduce:
+            wrong.append(name)
+            if fix:
+                param.allreduce = expected_allreduce
+    if wrong and not fix:
+        raise ExpertParamMismatch(
+            f"{len(wrong)} parameter(s) would be reduced over the wrong data-parallel group for layout "
+            f"EP {layout.ep} ETP {layout.etp} TP {layout.tp} (expert parameters must have allreduce=False "
+            f"and reduce over EDP {layout.edp}; others allreduce=True over DP x CP {layout.dp * layout.cp}): "
+            + ", ".join(wrong[:10]) + (" ..." if len(wrong) > 10 else "")
+            + "; call check_expert_params(model, layout, fix=True) to retag them"
+        )
+    return wrong

@@ -1,0 +1,140 @@
+"""Run a function on N gloo ranks inside one pytest test.
+
+Why fork: importing torch and megatron-core takes seconds; 16 spawned ranks would pay it 16 times on 2
+cores. The parent imports everything once (tests/conftest.py) and forks ranks that inherit it.
+Rendezvous goes through a FileStore in a fresh temporary directory, so consecutive tests never fight
+over a TCP port and the parent runs no store-server thread (forking a threaded process can deadlock);
+gloo's own connections use ephemeral ports chosen by the OS.
+
+Failure contract: an exception in any rank fails the test with that rank's number and traceback (the
+other ranks are killed, since they are typically blocked in a collective with it); a rank that does
+not finish within `timeout` seconds fails the test naming the unfinished ranks; no process survives.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import multiprocessing as mp
+import os
+import signal
+import tempfile
+import time
+import traceback
+from multiprocessing.connection import wait
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["run_on_ranks", "MultiRankFailure"]
+
+
+class MultiRankFailure(AssertionError):
+    """A rank raised, or ranks timed out; the message carries every rank's story."""
+
+
+def _rank_main(fn, rank, world_size, store_path, conn, stack_file, stack_after, args, kwargs):
+    status, payload = "ok", None
+    # A hung rank writes its Python stack here shortly before the parent gives up on it.
+    stack_fh = open(stack_file, "w")
+    faulthandler.dump_traceback_later(stack_after, file=stack_fh)
+    try:
+        os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+        torch.set_num_threads(1)  # N ranks share 2 cores; oversubscription makes gloo crawl
+        store = dist.FileStore(store_path, world_size)
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size)
+        payload = fn(rank, world_size, *args, **kwargs)
+        # A rank that exits while a peer is still finishing the connection handshake of the last
+        # group it created makes that peer fail with "connection closed by peer": leave together.
+        dist.barrier()
+    except BaseException:  # noqa: BLE001 - report everything, SystemExit and KeyboardInterrupt too
+        status, payload = "error", traceback.format_exc()
+    try:
+        conn.send((status, payload))
+    except Exception:  # result not picklable: report that instead of dying silently
+        conn.send(("error", f"rank {rank} returned an unpicklable result:\n{traceback.format_exc()}"))
+    conn.close()
+    # Skip atexit handlers and pytest's teardown inherited through fork; the parent owns cleanup.
+    os._exit(0)
+
+
+def _kill(procs):
+    for p in procs:
+        if p.is_alive():
+            os.kill(p.pid, signal.SIGKILL)
+    for p in procs:
+        p.join(timeout=10)
+
+
+def run_on_ranks(fn, world_size: int, *args, timeout: float = 120.0, **kwargs) -> list:
+    """Call `fn(rank, world_size, *args, **kwargs)` on `world_size` forked gloo ranks.
+
+    Returns the per-rank return values, indexed by rank. `fn` must be a module-level function or a
+    closure; results must be picklable (CPU tensors are).
+    """
+    ctx = mp.get_context("fork")
+    # Rendezvous through a file in a fresh directory: no port to collide with the previous test, and
+    # no store server thread in the parent (forking a process that runs threads can deadlock).
+    stacks = tempfile.TemporaryDirectory(prefix="mfold-run-")
+    store_path = os.path.join(stacks.name, "store")
+    stack_after = max(timeout - 1.0, timeout * 0.8)
+    try:
+        procs, conns = [], {}
+        for rank in range(world_size):
+            parent_conn, child_conn = ctx.Pipe(duplex=False)
+            p = ctx.Process(target=_rank_main, args=(fn, rank, world_size, store_path, child_conn,
+                                                          os.path.join(stacks.name, str(rank)), stack_after, args, kwargs))
+            p.start()
+            child_conn.close()
+            procs.append(p)
+            conns[parent_conn] = rank
+        results: dict[int, object] = {}
+        errors: dict[int, str] = {}
+        deadline = time.monotonic() + timeout
+        try:
+            grace_set = False
+            while conns:
+                if errors and not grace_set:
+                    # Give the other ranks a moment to report: the first error is often a symptom
+                    # (a peer closed its connection) of another rank's real failure.
+                    deadline, grace_set = min(deadline, time.monotonic() + 3.0), True
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                for conn in wait(list(conns), timeout=left):
+                    rank = conns.pop(conn)
+                    try:
+                        status, payload = conn.recv()
+                    except EOFError:
+                        status, payload = "error", f"rank {rank} died without a result (exit code {procs[rank].exitcode})"
+                    if status == "ok":
+                        results[rank] = payload
+                    else:
+                        errors[rank] = payload
+        finally:
+            _kill(procs)
+        if errors:
+            # Real failures first; "connection closed by peer" errors are usually their echoes.
+            order = sorted(errors, key=lambda r: ("closed by peer" in errors[r], r))
+            details = "\n".join(f"--- rank {r} ---\n{errors[r]}" for r in order)
+            raise MultiRankFailure(f"{len(errors)} of {world_size} ranks raised (first: rank {order[0]}):\n{details}")
+        if conns and not errors:
+            missing = sorted(conns.values())
+            where = "\n".join(f"--- rank {r} stack ---\n{_read(os.path.join(stacks.name, str(r)))}" for r in missing[:4])
+            raise MultiRankFailure(
+                f"timed out after {timeout:.0f}s: ranks {missing} of {world_size} did not finish "
+                f"(a hang, usually a collective some rank never entered); all ranks were killed\n{where}"
+            )
+        return [results[r] for r in range(world_size)]
+    finally:
+        stacks.cleanup()
+
+
+def _read(path: str) -> str:
+    """A rank's stack dump, cut where the harness starts (the rest is pytest, inherited by fork)."""
+    try:
+        with open(path) as f:
+            lines = f.read().strip().splitlines()
+    except OSError:
+        lines = []
+    cut = next((i for i, line in enumerate(lines) if "multiprocessing/process.py" in line), len(lines))
+    return "\n".join(lines[:cut]) or "(no stack written)"

@@ -1,0 +1,70 @@
+"""The harness itself: results come back per rank, a raising rank and a hanging rank fail the test."""
+
+import os
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from tests.multirank import MultiRankFailure, run_on_ranks
+
+
+def _sum_ranks(rank, world_size):
+    t = torch.tensor([float(rank)])
+    dist.all_reduce(t)
+    return t.item(), os.getpid()
+
+
+def test_results_come_back_per_rank():
+    out = run_on_ranks(_sum_ranks, 8, timeout=60)
+    assert [v for v, _ in out] == [sum(range(8))] * 8
+    assert len({pid for _, pid in out}) == 8
+
+
+def _raise_on_rank_3(rank, world_size):
+    if rank == 3:
+        raise ValueError("boom from the third rank")
+    dist.barrier()  # the others block here until killed
+
+
+def test_raising_rank_fails_with_its_rank_and_traceback():
+    with pytest.raises(MultiRankFailure) as e:
+        run_on_ranks(_raise_on_rank_3, 4, timeout=60)
+    msg = str(e.value)
+    assert "rank 3" in msg and "ValueError: boom from the third rank" in msg and "_raise_on_rank_3" in msg
+
+
+def _hang_on_rank_1(rank, world_size, pid_file):
+    with open(f"{pid_file}.{rank}", "w") as f:
+        f.write(str(os.getpid()))
+    if rank == 1:
+        time.sleep(3600)
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie has exited; it only waits to be reaped.
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().split()[2] != "Z"
+
+
+def test_hanging_rank_times_out_and_leaves_no_process(tmp_path):
+    pid_file = str(tmp_path / "pid")
+    start = time.monotonic()
+    with pytest.raises(MultiRankFailure, match=r"timed out after 3s: ranks \[0, 1\] of 2") as e:
+        run_on_ranks(_hang_on_rank_1, 2, pid_file, timeout=3)
+    # The report shows where each rank hung: rank 1 in the test body, rank 0 waiting for it.
+    rank1 = str(e.value).split("--- rank 1 stack ---")[1]
+    assert "_hang_on_rank_1" in rank1 and "pytest" not in rank1
+    assert time.monotonic() - start < 30
+    pids = [int(open(f"{pid_file}.{r}").read()) for r in range(2)]
+    assert not any(_alive(p) for p in pids)
+
+
+def test_consecutive_runs_do_not_collide():
+    for _ in range(3):
+        assert [v for v, _ in run_on_ranks(_sum_ranks, 4, timeout=60)] == [6.0] * 4
