@@ -36,4 +36,21 @@ _check_megatron_core_version()
 
 from megatron_fold.layout import FoldedLayout, LayoutError  # noqa: E402
 
-__all__ = ["FoldedLayout", "LayoutError", "__version__"]
+# The MoE modules import torch and megatron-core (seconds); `megatron-fold explain/plan` need neither,
+# so they load on first use.
+_LAZY = {
+    "FoldMoELayer": "megatron_fold.moe_layer",
+    "FoldRouter": "megatron_fold.router",
+    "FlexFoldDispatcher": "megatron_fold.dispatcher",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'megatron_fold' has no attribute {name!r}")
+
+
+__all__ = ["FoldedLayout", "LayoutError", "FoldMoELayer", "FoldRouter", "FlexFoldDispatcher", "__version__"]

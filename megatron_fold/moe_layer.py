@@ -1,0 +1,133 @@
+"""FoldMoELayer: Megatron's MoELayer on the folded expert grid, with our router and dispatcher.
+
+Why a subclass and not a copy: Megatron's MoELayer owns the forward order (shared experts, route,
+dispatch, experts, combine), recomputation and the experts' construction; only its router and token
+dispatcher are CUDA-bound and layout-dependent. We swap exactly those two for FoldRouter and
+FlexFoldDispatcher, take every group from the folded ProcessGroupCollection we are given (never from
+Megatron's globals), and expose per-layer metrics after each forward.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+from dataclasses import dataclass
+
+import torch
+from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_fold.capacity import DropScope
+from megatron_fold.dispatcher import FlexFoldDispatcher
+from megatron_fold.router import FoldRouter
+
+__all__ = ["FoldMoELayer", "MoELayerMetrics"]
+
+
+@dataclass(frozen=True)
+class MoELayerMetrics:
+    """One layer's routing and communication after its latest forward (and backward, if run).
+
+    tokens_per_expert: tokens each expert received over the layer's whole input (the attention
+    TP x CP group's tokens), after dropping; identical under every layout with sequence-scope dropping.
+    """
+
+    tokens_per_expert: list[int]
+    dropped_fraction: float
+    max_over_mean_load: float
+    collectives: dict[str, int]
+    bytes_sent: dict[str, int]
+
+    @property
+    def total_collectives(self) -> int:
+        return sum(self.collectives.values())
+
+    @property
+    def total_bytes_sent(self) -> int:
+        return sum(self.bytes_sent.values())
+
+
+class FoldMoELayer(MoELayer):
+    """MoE layer whose experts live on the ETP x EP x EDP grid, independent of attention's TP x CP x DP.
+
+    Plugin-only options (spec parameters, not TransformerConfig fields):
+      drop_scope: "subsequence" (Megatron's per-rank capacity) or "sequence" (layout-invariant).
+      check_finite: raise, naming the layer, when router scores are NaN or infinite.
+    """
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        submodules: MoESubmodules | None = None,
+        layer_number: int | None = None,
+        pg_collection=None,
+        is_mtp_layer: bool = False,
+        name: str | None = None,
+        *,
+        drop_scope: DropScope | str = DropScope.SUBSEQUENCE,
+        check_finite: bool = True,
+    ):
+        if pg_collection is None:
+            raise ValueError(
+                "FoldMoELayer needs the folded ProcessGroupCollection (from "
+                "megatron_fold.parallel_state.initialize_model_parallel(layout)); it never falls back "
+                "to Megatron's global groups"
+            )
+        if submodules is None:
+            raise ValueError("FoldMoELayer needs MoESubmodules (build it with specs.get_fold_moe_module_spec)")
+        if config.moe_shared_expert_overlap:
+            raise ValueError(
+                "moe_shared_expert_overlap=True runs the shared expert on a separate CUDA stream inside "
+                "Megatron's dispatchers; FlexFoldDispatcher computes shared experts in line. Set "
+                "moe_shared_expert_overlap=False."
+            )
+        self.drop_scope = DropScope.parse(drop_scope)
+        router_cls = submodules.router if submodules.router is not None else FoldRouter
+        if not (isinstance(router_cls, type) and issubclass(router_cls, FoldRouter)):
+            raise ValueError(f"FoldMoELayer needs a FoldRouter (or subclass) as router, got {router_cls!r}")
+        submodules = copy.copy(submodules)
+        submodules.router = functools.partial(router_cls, drop_scope=self.drop_scope, check_finite=check_finite)
+
+        # MoELayer.__init__ constructs the dispatcher named in the config; the alltoall one allocates a
+        # CUDA stream. Build with the CUDA-free allgather one, then restore the user's config object
+        # everywhere and replace the dispatcher with ours.
+        build_config = copy.copy(config)
+        build_config.moe_token_dispatcher_type = "allgather"
+        super().__init__(build_config, submodules, layer_number, pg_collection, is_mtp_layer, name)
+        for module in self.modules():
+            if getattr(module, "config", None) is build_config:
+                module.config = config
+        self.token_dispatcher = FlexFoldDispatcher(
+            self.num_local_experts,
+            self.local_expert_indices,
+            config=config,
+            pg_collection=pg_collection,
+            drop_scope=self.drop_scope,
+        )
+        self._metrics: MoELayerMetrics | None = None
+
+    def forward(self, hidden_states: torch.Tensor, intermediate_tensors=None, padding_mask=None):
+        # Counters describe the latest iteration: this forward and the backward that follows it.
+        self.router.comm_counter.reset()
+        self.token_dispatcher.comm_counter.reset()
+        return super().forward(hidden_states, intermediate_tensors, padding_mask)
+
+    def metrics(self) -> MoELayerMetrics:
+        """Routing and communication of the latest forward (+ backward, once it has run)."""
+        tokens = self.router.last_tokens_per_expert
+        if tokens is None:
+            raise RuntimeError(f"layer {self.layer_number}: metrics() before the first forward")
+        tokens = tokens.to(torch.float64)
+        mean = tokens.mean().item()
+        calls, sent = {}, {}
+        for source, counter in (("router", self.router.comm_counter), ("dispatcher", self.token_dispatcher.comm_counter)):
+            for kind, n in counter.calls.items():
+                calls[f"{source}.{kind}"] = n
+                sent[f"{source}.{kind}"] = counter.bytes_sent[kind]
+        return MoELayerMetrics(
+            tokens_per_expert=[int(t) for t in tokens.tolist()],
+            dropped_fraction=float(self.router.last_dropped_fraction),
+            max_over_mean_load=(tokens.max().item() / mean) if mean > 0 else 0.0,
+            collectives=calls,
+            bytes_sent=sent,
+        )
