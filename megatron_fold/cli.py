@@ -51,6 +51,16 @@ def layout_warnings(layout: FoldedLayout) -> list[str]:
             f"ETP {layout.etp} > 1: the paper and Megatron-Core recommend ETP = 1 (expert GEMMs are already "
             "small; ETP adds an all-gather and a reduce-scatter per MoE layer); try --etp 1 with a larger EP"
         )
+    if layout.tp > 1:
+        out.append(
+            f"TP {layout.tp} > 1: megatron-core 0.19's MoELayer refuses to train with TP > 1 unless "
+            "--sequence-parallel is set (and its torch LayerNorm fallback refuses sequence parallelism, so "
+            "this needs Transformer Engine or Apex)"
+        )
+    if layout.etp > 1:
+        out.append(
+            f"ETP {layout.etp} > 1: megatron-core 0.19 rejects --add-bias-linear for MoE layers unless ETP = 1"
+        )
     if layout.order != DEFAULT_ORDER and layout.pp > 1:
         out.append(
             f"order {layout.order!r} with PP > 1 forces EDP == DP (ETP*EP == TP*CP): folding is "

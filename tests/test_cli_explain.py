@@ -41,7 +41,9 @@ def test_warnings(capsys):
     _, out, _ = run(capsys, "--world", "32", "--ep", "16", "--etp", "2", "--tp", "2")
     assert "ETP x EP group (2 x 16 = 32 ranks) crosses nodes" in out
     assert "ETP 2 > 1" in out
-    _, quiet, _ = run(capsys, *MIXTRAL, "--num-experts", "8")
+    assert "rejects --add-bias-linear for MoE layers unless ETP = 1" in out
+    assert "--sequence-parallel" in out
+    _, quiet, _ = run(capsys, "--world", "128", "--pp", "8", "--ep", "8", "--num-experts", "8")
     assert "warnings:" not in quiet
 
 
