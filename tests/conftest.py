@@ -12,3 +12,10 @@ import megatron.core.transformer.moe.moe_layer  # noqa: E402,F401
 import megatron.core.models.gpt  # noqa: E402,F401
 
 import megatron_fold.parallel_state  # noqa: E402,F401
+
+# Megatron-Core's own modules (shared experts, tensor-parallel linears, the upstream oracle) allocate
+# on torch.cuda.current_device(); on a machine without CUDA the tests run them in CPU mode.
+import megatron_fold.cpu  # noqa: E402
+
+if not torch.cuda.is_available():
+    megatron_fold.cpu.enable_cpu_mode()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import faulthandler
 import multiprocessing as mp
 import os
+import pickle
 import signal
 import tempfile
 import time
@@ -48,10 +49,13 @@ def _rank_main(fn, rank, world_size, store_path, conn, stack_file, stack_after, 
         dist.barrier()
     except BaseException:  # noqa: BLE001 - report everything, SystemExit and KeyboardInterrupt too
         status, payload = "error", traceback.format_exc()
+    # Plain pickle, not the Connection's: torch registers shared-memory reductions for tensors with
+    # multiprocessing, and the segments would vanish with this process before the parent reads them.
     try:
-        conn.send((status, payload))
+        message = pickle.dumps((status, payload))
     except Exception:  # result not picklable: report that instead of dying silently
-        conn.send(("error", f"rank {rank} returned an unpicklable result:\n{traceback.format_exc()}"))
+        message = pickle.dumps(("error", f"rank {rank} returned an unpicklable result:\n{traceback.format_exc()}"))
+    conn.send_bytes(message)
     conn.close()
     # Skip atexit handlers and pytest's teardown inherited through fork; the parent owns cleanup.
     os._exit(0)
@@ -103,7 +107,7 @@ def run_on_ranks(fn, world_size: int, *args, timeout: float = 120.0, **kwargs) -
                 for conn in wait(list(conns), timeout=left):
                     rank = conns.pop(conn)
                     try:
-                        status, payload = conn.recv()
+                        status, payload = pickle.loads(conn.recv_bytes())
                     except EOFError:
                         status, payload = "error", f"rank {rank} died without a result (exit code {procs[rank].exitcode})"
                     if status == "ok":

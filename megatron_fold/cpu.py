@@ -1,0 +1,116 @@
+"""CPU mode: lets Megatron-Core's own code (its MoE layer, dispatchers, shared experts, tensor-parallel
+linears) run on CPU ranks with gloo, as the oracle of our tests and the baseline of our benchmark.
+
+Megatron-Core allocates with `device=torch.cuda.current_device()`, creates CUDA streams and events,
+and synchronises the device. Without CUDA those calls raise. CPU mode answers them the way a machine
+whose only device is the CPU would: the current device is the CPU, streams and events are no-ops (CPU
+work is synchronous, so every "wait" is already satisfied), synchronize returns at once. Nothing
+numerical is patched: every kernel Megatron runs is the one it would run, on CPU tensors.
+
+It refuses to turn on where CUDA is available, so it can never alter a GPU run. It is the one module of
+megatron_fold allowed to touch torch.cuda.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+__all__ = ["enable_cpu_mode", "disable_cpu_mode", "cpu_mode", "is_active"]
+
+
+class _NullEvent:
+    """torch.cuda.Event on a synchronous device: recorded work is always complete."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def record(self, stream=None):
+        pass
+
+    def wait(self, stream=None):
+        pass
+
+    def synchronize(self):
+        pass
+
+    def query(self):
+        return True
+
+    def elapsed_time(self, other):
+        return 0.0
+
+
+class _NullStream:
+    """torch.cuda.Stream on a synchronous device: everything runs in issue order already."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def wait_stream(self, stream):
+        pass
+
+    def wait_event(self, event):
+        pass
+
+    def record_event(self, event=None):
+        return event or _NullEvent()
+
+    def synchronize(self):
+        pass
+
+    def query(self):
+        return True
+
+
+_NULL_STREAM = _NullStream()
+
+# (object, attribute, CPU replacement). Each entry is a call Megatron-Core makes on its MoE path.
+_REPLACEMENTS = [
+    # Allocations: torch.empty(..., device=torch.cuda.current_device()) -> on the CPU.
+    (torch.cuda, "current_device", lambda: torch.device("cpu")),
+    # Streams and events (dispatchers' D2H copies, shared-expert overlap, delayed wgrad).
+    (torch.cuda, "Stream", _NullStream),
+    (torch.cuda, "Event", _NullEvent),
+    (torch.cuda, "current_stream", lambda device=None: _NULL_STREAM),
+    (torch.cuda, "default_stream", lambda device=None: _NULL_STREAM),
+    (torch.cuda, "stream", lambda stream=None: contextlib.nullcontext()),
+    (torch.cuda, "synchronize", lambda device=None: None),
+]
+
+_saved: list[tuple[object, str, object]] = []
+
+
+def is_active() -> bool:
+    return bool(_saved)
+
+
+def enable_cpu_mode() -> None:
+    """Patch the CUDA entry points Megatron-Core calls; idempotent. Raises where CUDA is available."""
+    if torch.cuda.is_available():
+        raise RuntimeError("megatron_fold CPU mode is for machines without CUDA; this one has a GPU, so "
+                           "Megatron-Core's CUDA paths must run unchanged")
+    if _saved:
+        return
+    for obj, name, replacement in _REPLACEMENTS:
+        _saved.append((obj, name, getattr(obj, name)))
+        setattr(obj, name, replacement)
+
+
+def disable_cpu_mode() -> None:
+    """Restore every patched attribute."""
+    while _saved:
+        obj, name, original = _saved.pop()
+        setattr(obj, name, original)
+
+
+@contextlib.contextmanager
+def cpu_mode():
+    was_active = is_active()
+    enable_cpu_mode()
+    try:
+        yield
+    finally:
+        if not was_active:
+            disable_cpu_mode()

@@ -1,0 +1,150 @@
+"""FoldMoELayer on 8 folded ranks equals a single-rank run of the same layer with the same full weights.
+
+Each data-parallel replica (a (DP, PP) coordinate: PP stages here hold independent copies of the layer)
+gets its own micro-batch, sharded over CP and TP the way Megatron shards it. Checked per rank: the
+output rows and input gradients of its shard equal the single-rank run of its micro-batch. Checked per
+parameter: after reducing each gradient over the group Megatron reduces it over (EDP for experts,
+TP x DP x CP for the sequence-parallel router weight, DP x CP otherwise) and reassembling the shards,
+it equals the sum of the single-rank gradients over the micro-batches of that PP stage.
+"""
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from megatron_fold import FoldedLayout, parallel_state
+from megatron_fold.specs import get_fold_moe_module_spec
+from megatron_fold.token_order import shard_sequence
+from tests import moe_reference as ref
+from tests.multirank import run_on_ranks
+
+SEQ, BATCH, HIDDEN = 16, 2, 16
+
+# (name, layout kwargs) on 8 ranks; all fold the expert grid differently from the attention grid.
+LAYOUTS = [
+    ("tp2-ep4-etp1", dict(tp=2, ep=4, etp=1)),
+    ("cp2-ep4", dict(cp=2, ep=4, etp=1)),
+    ("tp2-cp2-ep2-etp2", dict(tp=2, cp=2, ep=2, etp=2)),
+    ("tp2-ep8-etp1", dict(tp=2, ep=8, etp=1)),          # EP 8 larger than DP 4
+    ("etp2-ep4", dict(tp=1, ep=4, etp=2)),
+    ("ep8", dict(ep=8)),
+    ("tp4-ep2-etp1", dict(tp=4, ep=2, etp=1)),
+    ("cp4-ep8", dict(cp=4, ep=8, etp=1)),
+    ("tp2-cp2-ep4-etp1", dict(tp=2, cp=2, ep=4, etp=1)),
+    ("tp2-pp2-ep4-etp1", dict(tp=2, pp=2, ep=4, etp=1)),
+    ("cp2-pp2-ep2-etp2", dict(cp=2, pp=2, ep=2, etp=2)),
+    ("pp2-ep4", dict(pp=2, ep=4)),
+    ("tp2-etp1-ep1", dict(tp=2, ep=1, etp=1)),          # EP 1, ETP != TP
+]
+
+# Routing configurations run under every layout (one 8-rank run per layout covers them all).
+CONFIGS = [
+    dict(num_moe_experts=8, moe_router_topk=1, moe_router_pre_softmax=True),
+    dict(num_moe_experts=8, moe_router_topk=2, shared=True),
+    dict(num_moe_experts=8, moe_router_topk=8, shared=True),
+    dict(num_moe_experts=64, moe_router_topk=8),
+    dict(num_moe_experts=8, moe_router_topk=2, moe_expert_capacity_factor=1.0, drop_scope="sequence"),
+    dict(num_moe_experts=64, moe_router_topk=2, moe_expert_capacity_factor=0.5, drop_scope="sequence",
+         moe_token_drop_policy="position", shared=True),
+    dict(num_moe_experts=8, moe_router_topk=2, moe_expert_capacity_factor=1.0, drop_scope="sequence",
+         moe_pad_expert_input_to_capacity=True),
+]
+
+
+def _micro_batch(replica: int):
+    g = torch.Generator().manual_seed(1000 + replica)
+    x = torch.randn(SEQ, BATCH, HIDDEN, generator=g)
+    w = torch.randn(SEQ, BATCH, HIDDEN, generator=g)  # loss = sum(out * w): a non-trivial output gradient
+    return x, w
+
+
+def _build(cfg_kwargs, layout, pgs, weights):
+    cfg_kwargs = dict(cfg_kwargs)
+    shared = cfg_kwargs.pop("shared", False)
+    drop_scope = cfg_kwargs.pop("drop_scope", "subsequence")
+    config = ref.make_moe_config(layout=layout, hidden_size=HIDDEN, shared_expert=shared, **cfg_kwargs)
+    builder = get_fold_moe_module_spec(use_te=False, num_experts=config.num_moe_experts, drop_scope=drop_scope)
+    layer = builder(config=config, pg_collection=pgs)
+    layer.set_layer_number(1)
+    if weights is None:
+        weights = ref.full_moe_weights(config, seed=7)
+    ref.load_full_weights(layer, weights, pgs)
+    return layer, weights
+
+
+def _run(layer, x, w):
+    x = x.clone().requires_grad_(True)
+    out, bias = layer(x)
+    assert bias is None
+    (out * w).sum().backward()
+    return out.detach(), x.grad.detach()
+
+
+def _single_rank(rank, world_size, num_replicas):
+    """Per config: full weights, and per micro-batch the output, input grad and full parameter grads."""
+    layout = FoldedLayout(1)
+    pgs = parallel_state.initialize_model_parallel(layout)
+    try:
+        results = []
+        for cfg in CONFIGS:
+            per_batch = []
+            layer, weights = _build(cfg, layout, pgs, None)
+            for replica in range(num_replicas):
+                layer.zero_grad()
+                x, w = _micro_batch(replica)
+                out, gx = _run(layer, x, w)
+                per_batch.append((out, gx, ref.gather_full_grads(layer, pgs)))
+            results.append((weights, per_batch))
+        return results
+    finally:
+        parallel_state.destroy_model_parallel()
+
+
+def _reduce_group(name, pgs):
+    if name.startswith("experts."):
+        return pgs.expt_dp
+    if name.startswith("router."):
+        return pgs.tp_dp_cp  # replicated over TP, sees only this rank's sequence-parallel tokens
+    return pgs.dp_cp
+
+
+def _multi_rank(rank, world_size, layout_kwargs, reference):
+    layout = FoldedLayout(world_size, **layout_kwargs)
+    pgs = parallel_state.initialize_model_parallel(layout)
+    try:
+        c = layout.rank_coords(rank)
+        replica = c["dp"] * layout.pp + c["pp"]
+        results = []
+        for cfg, (weights, _) in zip(CONFIGS, reference):
+            layer, _ = _build(cfg, layout, pgs, weights)
+            x, w = _micro_batch(replica)
+            shard = lambda t: shard_sequence(t, c["tp"], layout.tp, c["cp"], layout.cp)  # noqa: E731
+            out, gx = _run(layer, shard(x), shard(w))
+            for name, p in layer.named_parameters():
+                if p.grad is not None:
+                    dist.all_reduce(p.grad, group=_reduce_group(name, pgs))
+            results.append((out, gx, ref.gather_full_grads(layer, pgs), layer.metrics()))
+        return results
+    finally:
+        parallel_state.destroy_model_parallel()
+
+
+@pytest.mark.parametrize("name,layout_kwargs", LAYOUTS, ids=[n for n, _ in LAYOUTS])
+def test_matches_single_rank(name, layout_kwargs):
+    layout = FoldedLayout(8, **layout_kwargs)
+    num_replicas = layout.dp * layout.pp
+    reference = run_on_ranks(_single_rank, 1, num_replicas, timeout=300)[0]
+    per_rank = run_on_ranks(_multi_rank, 8, layout_kwargs, reference, timeout=300)
+    tol = dict(rtol=1e-5, atol=1e-5)
+    for rank, results in enumerate(per_rank):
+        c = layout.rank_coords(rank)
+        replica = c["dp"] * layout.pp + c["pp"]
+        shard = lambda t: shard_sequence(t, c["tp"], layout.tp, c["cp"], layout.cp)  # noqa: E731
+        for cfg, (weights, per_batch), (out, gx, grads, metrics) in zip(CONFIGS, reference, results):
+            ref_out, ref_gx, _ = per_batch[replica]
+            torch.testing.assert_close(out, shard(ref_out), **tol, msg=lambda m: f"rank {rank} {cfg} output: {m}")
+            torch.testing.assert_close(gx, shard(ref_gx), **tol, msg=lambda m: f"rank {rank} {cfg} input grad: {m}")
+            stage = [per_batch[dp * layout.pp + c["pp"]][2] for dp in range(layout.dp)]
+            for key, g in grads.items():
+                expected = sum(s[key] for s in stage)
+                torch.testing.assert_close(g, expected, **tol, msg=lambda m: f"rank {rank} {cfg} grad {key}: {m}")
