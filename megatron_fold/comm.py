@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-__all__ = ["CommCounter", "exchange_rows", "all_to_all_v", "all_gather_v", "reduce_scatter_v"]
+__all__ = ["CommCounter", "exchange_rows", "all_gather_rows", "reduce_scatter_rows",
+           "all_to_all_v", "all_gather_v", "reduce_scatter_v"]
 
 
 @dataclass
@@ -118,12 +119,12 @@ class _AllGatherV(torch.autograd.Function):
     @staticmethod
     def forward(ctx, sizes, group, counter, *tensors):
         ctx.sizes, ctx.group, ctx.counter = sizes, group, counter
-        return tuple(_all_gather_rows(list(tensors), sizes, group, counter, "all_gather_v"))
+        return tuple(all_gather_rows(list(tensors), sizes, group, counter, "all_gather_v"))
 
     @staticmethod
     def backward(ctx, *grads):
         grads = [g.contiguous() for g in grads]
-        out = _reduce_scatter_rows(grads, ctx.sizes, ctx.group, ctx.counter, "all_gather_v.backward")
+        out = reduce_scatter_rows(grads, ctx.sizes, ctx.group, ctx.counter, "all_gather_v.backward")
         return (None, None, None, *out)
 
 
@@ -131,16 +132,17 @@ class _ReduceScatterV(torch.autograd.Function):
     @staticmethod
     def forward(ctx, sizes, group, counter, *tensors):
         ctx.sizes, ctx.group, ctx.counter = sizes, group, counter
-        return tuple(_reduce_scatter_rows(list(tensors), sizes, group, counter, "reduce_scatter_v"))
+        return tuple(reduce_scatter_rows(list(tensors), sizes, group, counter, "reduce_scatter_v"))
 
     @staticmethod
     def backward(ctx, *grads):
         grads = [g.contiguous() for g in grads]
-        out = _all_gather_rows(grads, ctx.sizes, ctx.group, ctx.counter, "reduce_scatter_v.backward")
+        out = all_gather_rows(grads, ctx.sizes, ctx.group, ctx.counter, "reduce_scatter_v.backward")
         return (None, None, None, *out)
 
 
-def _all_gather_rows(tensors, sizes, group, counter, kind):
+def all_gather_rows(tensors, sizes, group, counter=None, kind="all_gather_v"):
+    """Not autograd-aware: every rank's rows, concatenated in group-rank order."""
     size = dist.get_world_size(group)
     if size == 1:
         return list(tensors)
@@ -152,7 +154,8 @@ def _all_gather_rows(tensors, sizes, group, counter, kind):
     return exchange_rows(repeated, [sizes[me]] * size, list(sizes), group, counter, kind)
 
 
-def _reduce_scatter_rows(tensors, sizes, group, counter, kind):
+def reduce_scatter_rows(tensors, sizes, group, counter=None, kind="reduce_scatter_v"):
+    """Not autograd-aware: sum over ranks, rank i keeps rows of block i (sizes[i] rows)."""
     size = dist.get_world_size(group)
     if size == 1:
         return list(tensors)

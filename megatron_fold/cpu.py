@@ -79,6 +79,45 @@ _REPLACEMENTS = [
     (torch.cuda, "synchronize", lambda device=None: None),
 ]
 
+
+
+def _host_copy(tensor, as_numpy: bool = False, record_stream: bool = False):
+    """Megatron's maybe_move_tensor_to_cpu returns a CPU tensor unchanged even when asked for NumPy
+    (it only converts device tensors); its alltoall dispatcher then hands a tensor, not a list, to
+    all_to_all_single as split sizes. On the CPU, the host copy is the tensor itself."""
+    if torch.is_tensor(tensor) and as_numpy:
+        return tensor.numpy()
+    return tensor
+
+
+def _uneven_collectives(mappings):
+    """gloo has no uneven all-gather or reduce-scatter (NCCL does); Megatron's alltoall dispatcher
+    needs both over ETP. Route only the uneven case through our all-to-all based equivalents."""
+    from megatron_fold.comm import all_gather_rows, reduce_scatter_rows
+
+    gather, scatter = mappings._gather_along_first_dim, mappings._reduce_scatter_along_first_dim
+
+    def gather_along_first_dim(input_, group, output_split_sizes=None, use_global_buffer=False):
+        if output_split_sizes is None or group.size() == 1:
+            return gather(input_, group, output_split_sizes, use_global_buffer)
+        return all_gather_rows([input_.contiguous()], list(output_split_sizes), group)[0]
+
+    def reduce_scatter_along_first_dim(input_, group, input_split_sizes=None, use_global_buffer=False):
+        if input_split_sizes is None or group.size() == 1:
+            return scatter(input_, group, input_split_sizes, use_global_buffer)
+        return reduce_scatter_rows([input_.contiguous()], list(input_split_sizes), group)[0]
+
+    return [(mappings, "_gather_along_first_dim", gather_along_first_dim),
+            (mappings, "_reduce_scatter_along_first_dim", reduce_scatter_along_first_dim)]
+
+
+def _megatron_replacements():
+    from megatron.core.tensor_parallel import mappings
+    from megatron.core.transformer.moe import token_dispatcher
+
+    return [(token_dispatcher, "maybe_move_tensor_to_cpu", _host_copy)] + _uneven_collectives(mappings)
+
+
 _saved: list[tuple[object, str, object]] = []
 
 
@@ -93,7 +132,7 @@ def enable_cpu_mode() -> None:
                            "Megatron-Core's CUDA paths must run unchanged")
     if _saved:
         return
-    for obj, name, replacement in _REPLACEMENTS:
+    for obj, name, replacement in _REPLACEMENTS + _megatron_replacements():
         _saved.append((obj, name, getattr(obj, name)))
         setattr(obj, name, replacement)
 
