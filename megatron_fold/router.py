@@ -132,13 +132,24 @@ class FoldRouter(TopKRouter):
 
     # ---- checks and metrics ---------------------------------------------------------------------------
     def _check_finite(self, logits: torch.Tensor) -> None:
-        bad = ~torch.isfinite(logits)
-        if bad.any():  # one host synchronisation per layer; turn off with check_finite=False
-            tokens = int(bad.any(dim=-1).sum())
+        """Raise on every rank of this pipeline stage when any of them sees NaN/inf router scores.
+
+        A rank that raised alone would leave its peers blocked in the dispatcher's collectives, so the
+        count of bad tokens is all-reduced over TP x DP x CP (every rank that runs this layer; the expert
+        groups lie inside it). Costs one small all-reduce and one host synchronisation per layer; turn
+        it off with check_finite=False.
+        """
+        local_bad = (~torch.isfinite(logits)).any(dim=-1).sum().reshape(1)
+        total_bad = local_bad.clone()
+        if dist.get_world_size(self.tp_dp_cp_group) > 1:
+            dist.all_reduce(total_bad, group=self.tp_dp_cp_group)
+            self.comm_counter.record("all_reduce_finite_check", total_bad.numel() * total_bad.element_size())
+        total, local = int(total_bad.item()), int(local_bad.item())
+        if total:
             raise NonFiniteRouterScores(
-                f"MoE layer {self.layer_number}: router scores are NaN or infinite for {tokens} of "
-                f"{logits.shape[0]} tokens on this rank (diverged training or bad input); "
-                "pass check_finite=False to the spec to skip this check"
+                f"MoE layer {self.layer_number}: router scores are NaN or infinite for {local} of "
+                f"{logits.shape[0]} tokens on this rank ({total} on the ranks of this pipeline stage): "
+                "diverged training or bad input; pass check_finite=False to the spec to skip this check"
             )
 
     def _record_metrics(self, before: torch.Tensor, after: torch.Tensor) -> None:

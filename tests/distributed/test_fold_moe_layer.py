@@ -93,7 +93,7 @@ def _single_rank(rank, world_size, num_replicas):
                 layer.zero_grad()
                 x, w = _micro_batch(replica)
                 out, gx = _run(layer, x, w)
-                per_batch.append((out, gx, ref.gather_full_grads(layer, pgs)))
+                per_batch.append((out, gx, ref.gather_full_grads(layer, pgs), layer.metrics()))
             results.append((weights, per_batch))
         return results
     finally:
@@ -141,10 +141,49 @@ def test_matches_single_rank(name, layout_kwargs):
         replica = c["dp"] * layout.pp + c["pp"]
         shard = lambda t: shard_sequence(t, c["tp"], layout.tp, c["cp"], layout.cp)  # noqa: E731
         for cfg, (weights, per_batch), (out, gx, grads, metrics) in zip(CONFIGS, reference, results):
-            ref_out, ref_gx, _ = per_batch[replica]
+            ref_out, ref_gx, _, ref_metrics = per_batch[replica]
+            # Tokens per expert and the drop rate describe the replica's whole micro-batch: layout-free.
+            assert metrics.tokens_per_expert == ref_metrics.tokens_per_expert, (rank, cfg)
+            assert abs(metrics.dropped_fraction - ref_metrics.dropped_fraction) < 1e-12, (rank, cfg)
             torch.testing.assert_close(out, shard(ref_out), **tol, msg=lambda m: f"rank {rank} {cfg} output: {m}")
             torch.testing.assert_close(gx, shard(ref_gx), **tol, msg=lambda m: f"rank {rank} {cfg} input grad: {m}")
             stage = [per_batch[dp * layout.pp + c["pp"]][2] for dp in range(layout.dp)]
             for key, g in grads.items():
                 expected = sum(s[key] for s in stage)
                 torch.testing.assert_close(g, expected, **tol, msg=lambda m: f"rank {rank} {cfg} grad {key}: {m}")
+
+
+def _nan_and_globals(rank, world_size):
+    layout = FoldedLayout(world_size, tp=2, ep=4, etp=1)
+    pgs = parallel_state.initialize_model_parallel(layout)
+    try:
+        layer, _ = _build(CONFIGS[1], layout, pgs, None)
+        layer.set_layer_number(12)
+        x = torch.randn(SEQ // 2, BATCH, HIDDEN)
+        if rank == 5:
+            x[0, 0, 0] = float("nan")
+        try:
+            layer(x)
+            error = None
+        except Exception as e:  # noqa: BLE001 - the message is what we check
+            error = f"{type(e).__name__}: {e}"
+        try:
+            builder = get_fold_moe_module_spec(use_te=False, num_experts=8)
+            builder(config=layer.config)
+            missing_pgs = None
+        except ValueError as e:
+            missing_pgs = str(e)
+        return error, missing_pgs
+    finally:
+        parallel_state.destroy_model_parallel()
+
+
+def test_non_finite_router_scores_and_missing_groups_are_errors():
+    # One rank's NaN raises on every rank of the stage (no rank is left blocked in a collective).
+    results = run_on_ranks(_nan_and_globals, 8, timeout=60)
+    for rank, (error, missing_pgs) in enumerate(results):
+        local = 1 if rank == 5 else 0
+        assert error == (f"NonFiniteRouterScores: MoE layer 12: router scores are NaN or infinite for {local} of 16 "
+                         "tokens on this rank (1 on the ranks of this pipeline stage): diverged training or bad "
+                         "input; pass check_finite=False to the spec to skip this check")
+        assert "FoldMoELayer needs the folded ProcessGroupCollection" in missing_pgs
