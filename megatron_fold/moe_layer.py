@@ -113,21 +113,23 @@ class FoldMoELayer(MoELayer):
         return super().forward(hidden_states, intermediate_tensors, padding_mask)
 
     def metrics(self) -> MoELayerMetrics:
-        """Routing and communication of the latest forward (+ backward, once it has run)."""
-        tokens = self.router.last_tokens_per_expert
-        if tokens is None:
-            raise RuntimeError(f"layer {self.layer_number}: metrics() before the first forward")
-        tokens = tokens.to(torch.float64)
-        mean = tokens.mean().item()
+        """Routing and communication of the latest forward (+ backward, once it has run).
+
+        Reducing the token counts over TP x CP is a collective: call it on every rank of that group
+        (e.g. at logging steps); it is not counted among the layer's collectives.
+        """
         calls, sent = {}, {}
         for source, counter in (("router", self.router.comm_counter), ("dispatcher", self.token_dispatcher.comm_counter)):
             for kind, n in counter.calls.items():
                 calls[f"{source}.{kind}"] = n
                 sent[f"{source}.{kind}"] = counter.bytes_sent[kind]
+        before, after = self.router.token_counts()
+        routed = before.sum().item()
+        mean = after.mean().item()
         return MoELayerMetrics(
-            tokens_per_expert=[int(t) for t in tokens.tolist()],
-            dropped_fraction=float(self.router.last_dropped_fraction),
-            max_over_mean_load=(tokens.max().item() / mean) if mean > 0 else 0.0,
+            tokens_per_expert=[int(t) for t in after.tolist()],
+            dropped_fraction=1.0 - after.sum().item() / routed if routed else 0.0,
+            max_over_mean_load=(after.max().item() / mean) if mean > 0 else 0.0,
             collectives=calls,
             bytes_sent=sent,
         )

@@ -77,9 +77,7 @@ class FoldRouter(TopKRouter):
         self.cp_size, self.cp_rank = dist.get_world_size(self.cp_group), dist.get_rank(self.cp_group)
         self.comm_counter = CommCounter()
         self._member_coords: list[tuple[int, int]] | None = None  # (tp rank, cp rank) of each TP x CP member
-        self.last_tokens_per_expert: torch.Tensor | None = None
-        self.last_tokens_per_expert_before_drop: torch.Tensor | None = None
-        self.last_dropped_fraction: float = 0.0
+        self._local_counts: torch.Tensor | None = None  # [2, E]: routed before / after dropping, this rank
 
     def _replace_with_buffer(self, name: str, value: torch.Tensor, persistent: bool) -> None:
         delattr(self, name)  # upstream set it to None as a plain attribute
@@ -153,16 +151,20 @@ class FoldRouter(TopKRouter):
             )
 
     def _record_metrics(self, before: torch.Tensor, after: torch.Tensor) -> None:
-        """Tokens per expert over the whole TP x CP group's input (one small all-reduce)."""
+        """Keep this rank's counts; token_counts() reduces them only when someone asks (no collective
+        on the training path)."""
         with torch.no_grad():
-            counts = torch.stack([before.sum(dim=0), after.sum(dim=0)]).to(torch.float64)
-            if dist.get_world_size(self.tp_cp_group) > 1:
-                dist.all_reduce(counts, group=self.tp_cp_group)
-                self.comm_counter.record("all_reduce_counts", counts.numel() * counts.element_size())
-            self.last_tokens_per_expert_before_drop = counts[0].detach()
-            self.last_tokens_per_expert = counts[1].detach()
-            routed = counts[0].sum().item()
-            self.last_dropped_fraction = 1.0 - counts[1].sum().item() / routed if routed else 0.0
+            self._local_counts = torch.stack([before.sum(dim=0), after.sum(dim=0)]).to(torch.float64)
+
+    def token_counts(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens per expert over the layer's whole input (the TP x CP group's tokens) of the latest
+        forward, before and after dropping. A collective: call it on every rank of the TP x CP group."""
+        if self._local_counts is None:
+            raise RuntimeError(f"MoE layer {self.layer_number}: token_counts() before the first forward")
+        counts = self._local_counts.clone()
+        if dist.get_world_size(self.tp_cp_group) > 1:
+            dist.all_reduce(counts, group=self.tp_cp_group)
+        return counts[0], counts[1]
 
     # ---- token dropping -------------------------------------------------------------------------------
     def _drop(self, probs: torch.Tensor, routing_map: torch.Tensor, seq_length: int, bsz: int):

@@ -124,8 +124,7 @@ def _sequence_scope(rank, world_size):
                 router.config = ref.make_moe_config(FoldedLayout(1), hidden_size=H, num_moe_experts=experts,
                                                     moe_router_topk=topk, moe_router_pre_softmax=topk == 1)
                 dropless_probs, dropless_map = router(x)
-                results[scope] = (probs.detach(), routing_map, dropless_probs.detach(), dropless_map,
-                                  router.last_dropped_fraction)
+                results[scope] = (probs.detach(), routing_map, dropless_probs.detach(), dropless_map)
             out.append((policy, topk, experts, cf, results))
         return out
     finally:
@@ -134,7 +133,7 @@ def _sequence_scope(rank, world_size):
 
 def test_dropping_equals_brute_force():
     for policy, topk, experts, cf, results in run_on_ranks(_sequence_scope, 1, timeout=120)[0]:
-        for scope, (probs, routing_map, dropless_probs, dropless_map, _) in results.items():
+        for scope, (probs, routing_map, dropless_probs, dropless_map) in results.items():
             tokens = S if scope == "sequence" else S * B
             capacity = math.ceil(tokens * topk / experts * cf)
             key = dropless_probs if policy == "probs" else dropless_map.float()

@@ -45,7 +45,7 @@ def _route(layout, pgs, name, x, r):
     probs, routing_map = router(x)
     (probs * r.reshape(-1, config.num_moe_experts)).sum().backward()
     bias_counts = None if router.local_tokens_per_expert is None else router.local_tokens_per_expert.clone()
-    return (probs.detach(), routing_map, x.grad, router.weight.grad.clone(), router.last_tokens_per_expert,
+    return (probs.detach(), routing_map, x.grad, router.weight.grad.clone(), router.token_counts()[1],
             bias_counts)
 
 
