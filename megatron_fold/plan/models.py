@@ -1,0 +1,142 @@
+"""MoE model shapes for the planner: presets with their sources, and Hugging Face config reading.
+
+Every preset's numbers are the fields of the model's published Hugging Face `config.json` (named in
+`source`). All presets are MoE in every layer, use SwiGLU experts, RMSNorm and rotary embeddings.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+__all__ = ["ModelSpec", "PRESETS", "get_model", "from_hf_config"]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    num_layers: int
+    hidden: int
+    num_heads: int
+    num_query_groups: int  # key/value heads (GQA)
+    head_dim: int
+    moe_ffn: int  # per routed expert
+    num_experts: int
+    topk: int
+    vocab: int
+    shared_expert_ffn: int = 0  # 0: no shared expert
+    shared_expert_gate: bool = False  # Qwen2-MoE gates its shared expert with a sigmoid of a [1, H] projection
+    qkv_bias: bool = False
+    qk_layernorm: bool = False
+    untied_embeddings: bool = True
+    source: str = ""
+
+    # ---- parameter counts (exact, as Megatron-Core's GPTModel builds the model) ---------------------
+    @property
+    def attention_params_per_layer(self) -> int:
+        q = self.num_heads * self.head_dim
+        kv = 2 * self.num_query_groups * self.head_dim
+        qkv = self.hidden * (q + kv) + ((q + kv) if self.qkv_bias else 0)
+        proj = q * self.hidden
+        norms = self.hidden + (2 * self.head_dim if self.qk_layernorm else 0)  # input norm (+ q/k norms)
+        return qkv + proj + norms
+
+    @property
+    def dense_moe_params_per_layer(self) -> int:
+        """Parameters of the MoE block that are not routed experts: norm, router, shared expert."""
+        shared = 3 * self.hidden * self.shared_expert_ffn if self.shared_expert_ffn else 0
+        gate = self.hidden if self.shared_expert_gate else 0
+        return self.hidden + self.num_experts * self.hidden + shared + gate
+
+    @property
+    def expert_params_per_layer(self) -> int:
+        return self.num_experts * 3 * self.hidden * self.moe_ffn  # SwiGLU: fc1 [2F, H] + fc2 [H, F]
+
+    @property
+    def embedding_params(self) -> int:
+        return self.vocab * self.hidden
+
+    @property
+    def output_params(self) -> int:
+        return self.vocab * self.hidden if self.untied_embeddings else 0
+
+    @property
+    def total_params(self) -> int:
+        per_layer = self.attention_params_per_layer + self.dense_moe_params_per_layer + self.expert_params_per_layer
+        return self.num_layers * per_layer + self.embedding_params + self.output_params + self.hidden  # final norm
+
+    @property
+    def active_params(self) -> int:
+        experts = self.num_layers * self.topk * 3 * self.hidden * self.moe_ffn
+        return self.total_params - self.num_layers * self.expert_params_per_layer + experts
+
+
+PRESETS: dict[str, ModelSpec] = {
+    m.name: m
+    for m in [
+        ModelSpec("mixtral-8x7b", num_layers=32, hidden=4096, num_heads=32, num_query_groups=8, head_dim=128,
+                  moe_ffn=14336, num_experts=8, topk=2, vocab=32000,
+                  source="huggingface.co/mistralai/Mixtral-8x7B-v0.1 config.json"),
+        ModelSpec("mixtral-8x22b", num_layers=56, hidden=6144, num_heads=48, num_query_groups=8, head_dim=128,
+                  moe_ffn=16384, num_experts=8, topk=2, vocab=32768,
+                  source="huggingface.co/mistralai/Mixtral-8x22B-v0.1 config.json"),
+        ModelSpec("qwen2-57b-a14b", num_layers=28, hidden=3584, num_heads=28, num_query_groups=4, head_dim=128,
+                  moe_ffn=2560, num_experts=64, topk=8, vocab=151936, shared_expert_ffn=20480,
+                  shared_expert_gate=True, qkv_bias=True,
+                  source="huggingface.co/Qwen/Qwen2-57B-A14B config.json"),
+        ModelSpec("qwen3-30b-a3b", num_layers=48, hidden=2048, num_heads=32, num_query_groups=4, head_dim=128,
+                  moe_ffn=768, num_experts=128, topk=8, vocab=151936, qk_layernorm=True,
+                  source="huggingface.co/Qwen/Qwen3-30B-A3B config.json"),
+        ModelSpec("qwen3-235b-a22b", num_layers=94, hidden=4096, num_heads=64, num_query_groups=4, head_dim=128,
+                  moe_ffn=1536, num_experts=128, topk=8, vocab=151936, qk_layernorm=True,
+                  source="huggingface.co/Qwen/Qwen3-235B-A22B config.json"),
+    ]
+}
+
+
+def get_model(name: str) -> ModelSpec:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown model {name!r}; presets: {', '.join(PRESETS)} (or pass --hf-config config.json)") from None
+
+
+_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe")
+
+
+def from_hf_config(path: str) -> ModelSpec:
+    """A ModelSpec from a Hugging Face config.json of the Mixtral, Qwen2-MoE or Qwen3-MoE family."""
+    try:
+        with open(path) as f:
+            cfg = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read Hugging Face config {path!r}: {e}") from None
+    family = cfg.get("model_type")
+    if family not in _FAMILIES:
+        raise ValueError(f"{path}: model_type {family!r} is not supported; supported: {', '.join(_FAMILIES)}")
+    need = ["hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "num_experts_per_tok"]
+    need += ["intermediate_size", "num_local_experts"] if family == "mixtral" else ["moe_intermediate_size", "num_experts"]
+    missing = [k for k in need if k not in cfg]
+    if missing:
+        raise ValueError(f"{path}: {family} config is missing {', '.join(missing)}")
+    if family != "mixtral" and (cfg.get("decoder_sparse_step", 1) != 1 or cfg.get("mlp_only_layers")):
+        raise ValueError(f"{path}: layers without MoE (decoder_sparse_step / mlp_only_layers) are not modelled")
+    heads = cfg["num_attention_heads"]
+    return ModelSpec(
+        name=cfg.get("_name_or_path") or path,
+        num_layers=cfg["num_hidden_layers"],
+        hidden=cfg["hidden_size"],
+        num_heads=heads,
+        num_query_groups=cfg.get("num_key_value_heads", heads),
+        head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+        moe_ffn=cfg["intermediate_size"] if family == "mixtral" else cfg["moe_intermediate_size"],
+        num_experts=cfg["num_local_experts"] if family == "mixtral" else cfg["num_experts"],
+        topk=cfg["num_experts_per_tok"],
+        vocab=cfg["vocab_size"],
+        shared_expert_ffn=cfg.get("shared_expert_intermediate_size", 0) if family == "qwen2_moe" else 0,
+        shared_expert_gate=family == "qwen2_moe" and cfg.get("shared_expert_intermediate_size", 0) > 0,
+        qkv_bias=family == "qwen2_moe",
+        qk_layernorm=family == "qwen3_moe",
+        untied_embeddings=not cfg.get("tie_word_embeddings", False),
+        source=path,
+    )
