@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from megatron_fold.layout import DEFAULT_ORDER, GROUP_NAMES, FoldedLayout, LayoutError
@@ -170,6 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     except (LayoutError, UsageError, ValueError) as e:
         print(f"megatron-fold: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into `head`: not an error
+        sys.stdout = open(os.devnull, "w")
+        return 0
 
 
 if __name__ == "__main__":

@@ -248,7 +248,10 @@ class FoldedLayout:
 
     def intra_node(self, name: str) -> bool:
         """True when every `name` group stays inside one node (NVLink rather than the network)."""
-        return all(len(self.nodes_of(g)) == 1 for g in self.groups(name))
+        key = ("intra_node", name)
+        if key not in self._groups_cache:
+            self._groups_cache[key] = all(len(self.nodes_of(g)) == 1 for g in self.groups(name))
+        return self._groups_cache[key]
 
     def placement(self, name: str) -> list[dict]:
         return [{"ranks": g, "nodes": self.nodes_of(g), "intra_node": len(self.nodes_of(g)) == 1}

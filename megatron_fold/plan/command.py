@@ -1,9 +1,123 @@
-"""`megatron-fold plan` (being written; see issue 4)."""
+"""`megatron-fold plan`: argument wiring and output. See cost.py for the model, docs/planner.md for use."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+
+from megatron_fold.layout import FoldedLayout
+from megatron_fold.plan.cost import Choice, estimate
+from megatron_fold.plan.hardware import get_gpu
+from megatron_fold.plan.models import from_hf_config, get_model
+from megatron_fold.plan.search import model_admits, plan
+
+_LAYOUT_KEYS = {"tp", "cp", "pp", "vpp", "ep", "etp", "mbs"}
 
 
-def add_arguments(parser):
-    pass
+def add_arguments(p) -> None:
+    p.add_argument("--model", help="preset: mixtral-8x7b, mixtral-8x22b, qwen2-57b-a14b, qwen3-30b-a3b, qwen3-235b-a22b")
+    p.add_argument("--hf-config", help="a Hugging Face config.json (Mixtral, Qwen2-MoE, Qwen3-MoE)")
+    p.add_argument("--gpus", type=int, required=True)
+    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--gpu", default="h100", help="h100, h200, a100, b200")
+    p.add_argument("--peak-tflops", type=float, help="override the preset's dense BF16 peak")
+    p.add_argument("--gpu-memory-gb", type=float, help="override the preset's memory")
+    p.add_argument("--nvlink-gbs", type=float, help="override NVLink GB/s per GPU and direction")
+    p.add_argument("--network-gbs", type=float, help="override network GB/s per GPU and direction")
+    p.add_argument("--hbm-gbs", type=float, help="override the preset's memory bandwidth (GB/s)")
+    p.add_argument("--seq-len", type=int, default=4096)
+    p.add_argument("--global-batch", type=int, default=256)
+    p.add_argument("--top", type=int, default=10)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--no-fold", action="store_true", help="only coupled layouts (ETP = TP, EP inside DP x CP)")
+    drop = p.add_mutually_exclusive_group()
+    drop.add_argument("--capacity-factor", type=float, help="token dropping with this capacity factor")
+    drop.add_argument("--dropless", action="store_true", help="dropless MoE (the default)")
+    p.add_argument("--layout", help="evaluate one layout, e.g. tp2,pp8,ep8,etp1[,cp1,vpp1,mbs1,recompute]")
 
 
-def run(args):
-    raise ValueError("megatron-fold plan is not available yet")
+def _model(args):
+    if bool(args.model) == bool(args.hf_config):
+        raise ValueError("pass exactly one of --model or --hf-config")
+    return get_model(args.model) if args.model else from_hf_config(args.hf_config)
+
+
+def parse_layout(text: str) -> dict:
+    out = {"recompute": False}
+    for part in filter(None, (x.strip() for x in text.lower().split(","))):
+        if part == "recompute":
+            out["recompute"] = True
+            continue
+        match = re.fullmatch(r"([a-z]+)(\d+)", part)
+        if not match or match.group(1) not in _LAYOUT_KEYS:
+            raise ValueError(f"--layout: cannot read {part!r}; use e.g. tp2,pp8,ep8,etp1,cp1,vpp1,mbs1[,recompute]")
+        out[match.group(1)] = int(match.group(2))
+    return out
+
+
+def _row(rank, est) -> str:
+    return (f"{rank:>3}  {est.choice.label():<58} {est.step_time_s:>8.2f}s {est.tokens_per_s_per_gpu:>8.0f} "
+            f"{est.tflops_per_gpu:>7.0f} {100 * est.mfu:>5.1f}% {est.memory_total_gb:>6.1f}  {est.bottleneck}")
+
+
+def _header() -> str:
+    return f"{'#':>3}  {'layout':<58} {'step':>9} {'tok/s/GPU':>8} {'TFLOP/s':>7} {'MFU':>6} {'mem GB':>6}  bottleneck"
+
+
+def _breakdown(est) -> str:
+    lines = [_header(), _row(1, est), "", "time per step:"]
+    lines += [f"  {k:<16} {v:8.3f} s  ({100 * v / est.step_time_s:4.1f}%)" for k, v in est.time_s.items()]
+    lines += ["memory per GPU:"] + [f"  {k:<16} {v:8.2f} GB" for k, v in est.memory_gb.items()]
+    lines += [f"  {'total':<16} {est.memory_total_gb:8.2f} GB ({'fits' if est.fits else 'DOES NOT FIT'})"]
+    lines += ["", "Megatron-LM arguments: " + " ".join(est.megatron_args)]
+    return "\n".join(lines)
+
+
+def run(args) -> int:
+    model = _model(args)
+    gpu = get_gpu(args.gpu).with_overrides(peak_tflops=args.peak_tflops, memory_gb=args.gpu_memory_gb,
+                                           nvlink_gbs=args.nvlink_gbs, network_gbs=args.network_gbs,
+                                           hbm_gbs=args.hbm_gbs)
+    if args.capacity_factor is not None and args.capacity_factor <= 0:
+        raise ValueError(f"--capacity-factor must be positive, got {args.capacity_factor}")
+    if args.gpus < 1 or args.global_batch < 1 or args.seq_len < 1:
+        raise ValueError("--gpus, --global-batch and --seq-len must be positive")
+    cf = args.capacity_factor
+
+    if args.layout:
+        spec = parse_layout(args.layout)
+        layout = FoldedLayout(args.gpus, tp=spec.get("tp", 1), cp=spec.get("cp", 1), pp=spec.get("pp", 1),
+                              ep=spec.get("ep", 1), etp=spec.get("etp"), gpus_per_node=args.gpus_per_node,
+                              num_experts=model.num_experts)
+        if not model_admits(model, args.seq_len, layout.tp, layout.cp, layout.pp, layout.ep, layout.etp):
+            raise ValueError(f"{model.name} does not admit {args.layout}: TP must divide heads {model.num_heads} and "
+                             f"query groups {model.num_query_groups}, ETP the expert FFN {model.moe_ffn}, PP the "
+                             f"{model.num_layers} layers, 2*CP and TP the sequence {args.seq_len}")
+        mbs, vpp = spec.get("mbs", 1), spec.get("vpp", 1)
+        if args.global_batch % (layout.dp * mbs):
+            raise ValueError(f"global batch {args.global_batch} is not divisible by DP {layout.dp} x micro-batch {mbs}")
+        if model.num_layers % (layout.pp * vpp):
+            raise ValueError(f"{model.num_layers} layers are not divisible by PP {layout.pp} x VPP {vpp}")
+        est = estimate(model, gpu, Choice(layout, vpp, mbs, spec["recompute"]), args.seq_len, args.global_batch, cf)
+        print(json.dumps(est.to_dict(), indent=1) if args.json else _breakdown(est))
+        return 0
+
+    start = time.perf_counter()
+    ranked, evaluated = plan(model, gpu, args.gpus, args.gpus_per_node, args.seq_len, args.global_batch, cf,
+                             no_fold=args.no_fold)
+    elapsed = time.perf_counter() - start
+    top = ranked[: args.top]
+    if args.json:
+        print(json.dumps({"model": model.name, "gpu": gpu.name, "gpus": args.gpus, "evaluated": evaluated,
+                          "fitting": len(ranked), "results": [e.to_dict() for e in top]}, indent=1))
+        return 0
+    print(f"{model.name} ({model.total_params / 1e9:.1f}B params, {model.active_params / 1e9:.1f}B active) on "
+          f"{args.gpus} x {gpu.name}, seq {args.seq_len}, global batch {args.global_batch}, "
+          f"{'dropless' if cf is None else f'capacity factor {cf:g}'}{', coupled layouts only' if args.no_fold else ''}")
+    print(f"{evaluated} layouts evaluated, {len(ranked)} fit in {gpu.memory_gb:g} GB, {elapsed:.2f} s\n")
+    print(_header())
+    for i, est in enumerate(top, 1):
+        print(_row(i, est))
+    print("\nbest: " + " ".join(top[0].megatron_args))
+    return 0
