@@ -115,30 +115,19 @@ class _AllToAllV(torch.autograd.Function):
         return (None, None, None, None, *out)
 
 
-class _AllGatherV(torch.autograd.Function):
+class _DualCollective(torch.autograd.Function):
+    """All-gather-v and reduce-scatter-v are each other's backward: one Function serves both."""
+
     @staticmethod
-    def forward(ctx, sizes, group, counter, *tensors):
-        ctx.sizes, ctx.group, ctx.counter = sizes, group, counter
-        return tuple(all_gather_rows(list(tensors), sizes, group, counter, "all_gather_v"))
+    def forward(ctx, forward_fn, backward_fn, kind, sizes, group, counter, *tensors):
+        ctx.backward_fn, ctx.kind, ctx.sizes, ctx.group, ctx.counter = backward_fn, kind, sizes, group, counter
+        return tuple(forward_fn(list(tensors), sizes, group, counter, kind))
 
     @staticmethod
     def backward(ctx, *grads):
         grads = [g.contiguous() for g in grads]
-        out = reduce_scatter_rows(grads, ctx.sizes, ctx.group, ctx.counter, "all_gather_v.backward")
-        return (None, None, None, *out)
-
-
-class _ReduceScatterV(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, sizes, group, counter, *tensors):
-        ctx.sizes, ctx.group, ctx.counter = sizes, group, counter
-        return tuple(reduce_scatter_rows(list(tensors), sizes, group, counter, "reduce_scatter_v"))
-
-    @staticmethod
-    def backward(ctx, *grads):
-        grads = [g.contiguous() for g in grads]
-        out = all_gather_rows(grads, ctx.sizes, ctx.group, ctx.counter, "reduce_scatter_v.backward")
-        return (None, None, None, *out)
+        out = ctx.backward_fn(grads, ctx.sizes, ctx.group, ctx.counter, f"{ctx.kind}.backward")
+        return (None, None, None, None, None, None, *out)
 
 
 def all_gather_rows(tensors, sizes, group, counter=None, kind="all_gather_v"):
@@ -174,12 +163,14 @@ def all_to_all_v(tensors, send_splits: list[int], recv_splits: list[int], group,
 def all_gather_v(tensors, sizes: list[int], group, counter=None):
     """Concatenate every rank's rows in group-rank order; rank i contributes sizes[i] rows."""
     single = isinstance(tensors, torch.Tensor)
-    out = _AllGatherV.apply(list(sizes), group, counter, *([tensors] if single else tensors))
+    out = _DualCollective.apply(all_gather_rows, reduce_scatter_rows, "all_gather_v", list(sizes), group, counter,
+                                *([tensors] if single else tensors))
     return out[0] if single else list(out)
 
 
 def reduce_scatter_v(tensors, sizes: list[int], group, counter=None):
     """Sum [sum(sizes), ...] over the group; rank i keeps its sizes[i] rows of the sum."""
     single = isinstance(tensors, torch.Tensor)
-    out = _ReduceScatterV.apply(list(sizes), group, counter, *([tensors] if single else tensors))
+    out = _DualCollective.apply(reduce_scatter_rows, all_gather_rows, "reduce_scatter_v", list(sizes), group, counter,
+                                *([tensors] if single else tensors))
     return out[0] if single else list(out)
