@@ -73,7 +73,13 @@ class FoldRouter(TopKRouter):
 
         self.drop_scope = DropScope.parse(drop_scope)
         self.check_finite = check_finite
-        self.tp_size, self.tp_rank = dist.get_world_size(self.tp_group), dist.get_rank(self.tp_group)
+        # The ranks that hold distinct tokens of one micro-batch: TP x CP with sequence parallelism;
+        # without it (evaluation with TP > 1) TP ranks hold the same tokens, so only CP splits them.
+        if config.sequence_parallel:
+            self.token_group, self.tp_size, self.tp_rank = self.tp_cp_group, dist.get_world_size(self.tp_group), \
+                dist.get_rank(self.tp_group)
+        else:
+            self.token_group, self.tp_size, self.tp_rank = self.cp_group, 1, 0
         self.cp_size, self.cp_rank = dist.get_world_size(self.cp_group), dist.get_rank(self.cp_group)
         self.comm_counter = CommCounter()
         self._member_coords: list[tuple[int, int]] | None = None  # (tp rank, cp rank) of each TP x CP member
@@ -162,8 +168,8 @@ class FoldRouter(TopKRouter):
         if self._local_counts is None:
             raise RuntimeError(f"MoE layer {self.layer_number}: token_counts() before the first forward")
         counts = self._local_counts.clone()
-        if dist.get_world_size(self.tp_cp_group) > 1:
-            dist.all_reduce(counts, group=self.tp_cp_group)
+        if dist.get_world_size(self.token_group) > 1:
+            dist.all_reduce(counts, group=self.token_group)
         return counts[0], counts[1]
 
     # ---- token dropping -------------------------------------------------------------------------------
@@ -191,11 +197,11 @@ class FoldRouter(TopKRouter):
         """Keep mask for this rank's rows, decided per (sequence, expert) over whole sequences."""
         E = self.num_experts
         key = self._drop_key(probs, routing_map).view(seq_length, bsz, E)
-        group_size = dist.get_world_size(self.tp_cp_group)
+        group_size = dist.get_world_size(self.token_group)
         full_len = seq_length * self.tp_size * self.cp_size
         if group_size > 1:
             parts = [torch.empty_like(key) for _ in range(group_size)]
-            dist.all_gather(parts, key.contiguous(), group=self.tp_cp_group)
+            dist.all_gather(parts, key.contiguous(), group=self.token_group)
             self.comm_counter.record("all_gather_scores", key.numel() * key.element_size() * (group_size - 1))
             full = key.new_empty(full_len, bsz, E)
             for (tp_rank, cp_rank), part in zip(self._coords(), parts):
@@ -208,11 +214,11 @@ class FoldRouter(TopKRouter):
         return keep_full.index_select(0, mine).reshape(-1, E)
 
     def _coords(self) -> list[tuple[int, int]]:
-        """(tp rank, cp rank) of every TP x CP group member, in group order (gathered once)."""
+        """(tp rank, cp rank) of every member of the token group, in group order (gathered once)."""
         if self._member_coords is None:
             mine = torch.tensor([self.tp_rank, self.cp_rank], dtype=torch.long)
-            parts = [torch.empty_like(mine) for _ in range(dist.get_world_size(self.tp_cp_group))]
-            dist.all_gather(parts, mine, group=self.tp_cp_group)
+            parts = [torch.empty_like(mine) for _ in range(dist.get_world_size(self.token_group))]
+            dist.all_gather(parts, mine, group=self.token_group)
             self._member_coords = [tuple(p.tolist()) for p in parts]
         return self._member_coords
 

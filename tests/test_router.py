@@ -27,6 +27,7 @@ FEATURES = {
     "global-aux-loss": dict(moe_router_load_balancing_type="global_aux_loss", moe_aux_loss_coeff=0.1),
     "jitter": dict(moe_input_jitter_eps=0.1),
     "drop-probs": dict(moe_expert_capacity_factor=0.5),
+    "sinkhorn": dict(moe_router_load_balancing_type="sinkhorn", moe_router_topk=1),
 }
 
 

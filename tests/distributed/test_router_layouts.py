@@ -100,3 +100,31 @@ def test_layout_invariance(layout_kwargs):
                 # Megatron's expert-bias update is a function of these counts alone
                 # (get_updated_expert_bias: bias += rate * sign(mean - count)).
                 assert torch.equal(bias_counts, r_bias), where
+
+
+def _no_sequence_parallel(rank, world_size):
+    """TP 2 without sequence parallelism (evaluation): TP ranks hold the same tokens."""
+    layout = FoldedLayout(world_size, tp=2, cp=2)
+    pgs = parallel_state.initialize_model_parallel(layout)
+    try:
+        c = layout.rank_coords(rank)
+        config = ref.make_moe_config(layout, hidden_size=H, sequence_parallel=False, **CONFIGS["probs-top2-e8"])
+        torch.manual_seed(0)  # the single-rank reference's router weights
+        router = FoldRouter(config, pg_collection=pgs, drop_scope="sequence")
+        router.set_layer_number(1)
+        x, _ = _inputs(c["dp"], 8)
+        probs, routing_map = router(shard_sequence(x, 0, 1, c["cp"], layout.cp))
+        return routing_map, router.token_counts()[1]
+    finally:
+        parallel_state.destroy_model_parallel()
+
+
+def test_tensor_parallel_without_sequence_parallel():
+    layout = FoldedLayout(8, tp=2, cp=2)
+    single = run_on_ranks(_single, 1, layout.dp, timeout=120)[0]["probs-top2-e8"]
+    for rank, (routing_map, tokens) in enumerate(run_on_ranks(_no_sequence_parallel, 8, timeout=120)):
+        c = layout.rank_coords(rank)
+        r_map, r_tokens = single[c["dp"]][1], single[c["dp"]][4]
+        expected = shard_sequence(r_map.reshape(S, B, -1), 0, 1, c["cp"], layout.cp).reshape(-1, 8)
+        assert torch.equal(routing_map, expected), rank
+        assert torch.equal(tokens, r_tokens), rank  # TP copies are not counted twice
