@@ -26,7 +26,8 @@ full recomputation; communication volumes of the backward equal the forward's):
   router 2*n*h*E, logits 2*n*h*V (last stage); each at an achieved efficiency
   eff(m) = 0.80 * m/(m + 128) of the GPU's dense BF16 peak, m the smallest GEMM dimension (expert
   GEMMs get rows per local expert r/(E/e): more EP means taller GEMMs, ETP narrows them). Core
-  attention 2*b*s^2*a*d/(t*c) at 0.55 of peak (flash attention, causal). Elementwise work is bound
+  attention 2*b*s^2*a*d/(t*c) at 0.55 * B/(B + 512) of peak (flash attention, causal), B the block
+  length: s, or s/(2c) for ring attention's chunks under context parallelism. Elementwise work is bound
   by memory bandwidth: 2 B * (r*(4h + 3F/u) + 10*n*h + 3*n*Fs) per layer (permute/unpermute, SwiGLU,
   norms and residuals) at the GPU's HBM bandwidth.
 - TP (sequence parallel): all-gather + reduce-scatter per attention block and per shared expert, each
@@ -57,6 +58,7 @@ __all__ = ["Choice", "Estimate", "estimate", "model_flops_per_token", "DROPLESS_
 GEMM_PEAK_EFFICIENCY = 0.80
 GEMM_HALF_EFFICIENCY_DIM = 128
 ATTENTION_EFFICIENCY = 0.55
+ATTENTION_HALF_EFFICIENCY_BLOCK = 512
 DROPLESS_LOAD_FACTOR = 1.2
 RUNTIME_OVERHEAD_GB = 3.0
 GB = 1e9
@@ -196,7 +198,10 @@ def estimate(m: ModelSpec, gpu: GPUSpec, choice: Choice, seq: int, global_batch:
     expert_gemm = rows * 6 * h * F / u / _eff(min(rows_per_expert, F / u, h)) if rows_per_expert else 0.0
     shared_gemm = 6 * n * h * Fs / _eff(min(n * t, Fs / t, h)) if Fs else 0.0
     router = 2 * n * h * m.num_experts / _eff(min(n, m.num_experts, h))
-    core_attn_s = 2 * b * seq * seq * m.num_heads * m.head_dim / (t * c) / (ATTENTION_EFFICIENCY * peak)
+    # Ring attention works on 2*CP chunks of the sequence: shorter blocks run less efficiently.
+    block = seq if c == 1 else seq / (2 * c)
+    attn_eff = ATTENTION_EFFICIENCY * block / (block + ATTENTION_HALF_EFFICIENCY_BLOCK)
+    core_attn_s = 2 * b * seq * seq * m.num_heads * m.head_dim / (t * c) / (attn_eff * peak)
     # Memory-bound elementwise work per layer: permute + unpermute of every expert row (read + write),
     # SwiGLU (read 2F/u, write F/u), and ~10 passes over the layer's tokens (norms, residuals, rotary).
     elementwise_bytes = 2 * (rows * (4 * h + 3 * F / u) + 10 * n * h + (3 * n * Fs if Fs else 0))
