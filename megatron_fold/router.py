@@ -82,7 +82,7 @@ class FoldRouter(TopKRouter):
             self.token_group, self.tp_size, self.tp_rank = self.cp_group, 1, 0
         self.cp_size, self.cp_rank = dist.get_world_size(self.cp_group), dist.get_rank(self.cp_group)
         self.comm_counter = CommCounter()
-        self._member_coords: list[tuple[int, int]] | None = None  # (tp rank, cp rank) of each TP x CP member
+        self._member_coords: list[tuple[int, int]] | None = None  # (tp rank, cp rank) of each token-group member
         self._local_counts: torch.Tensor | None = None  # [2, E]: routed before / after dropping, this rank
 
     def _replace_with_buffer(self, name: str, value: torch.Tensor, persistent: bool) -> None:
