@@ -1,6 +1,6 @@
 """FoldRouter: Megatron's TopKRouter without CUDA-only calls, with layout-invariant token dropping.
 
-Upstream's TopKRouter allocates its buffers with `torch.cuda.current_device()` and moves its weight to
+Upstream's TopKRouter allocates its buffers on the current CUDA device and moves its weight to
 the GPU in `gating`; everything else (score functions, group-limited routing, expert bias, the three
 aux losses, z-loss, input jitter, router dtype) is device-agnostic and reused as is.
 
@@ -54,7 +54,7 @@ class FoldRouter(TopKRouter):
         if config.moe_router_load_balancing_type == "quantile_balancing":
             raise ValueError("quantile_balancing routing is not supported by FoldRouter; use aux losses or "
                              "moe_router_enable_expert_bias")
-        # Upstream allocates the expert-bias and global-aux-loss buffers on torch.cuda.current_device().
+        # Upstream allocates the expert-bias and global-aux-loss buffers on the current CUDA device.
         # Build without them and register them below on the weight's device.
         build_config = copy.copy(config)
         build_config.moe_router_enable_expert_bias = False
