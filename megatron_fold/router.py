@@ -1,22 +1,46 @@
 """FoldRouter: Megatron's TopKRouter without CUDA-only calls, with layout-invariant token dropping.
 
-Upstream's TopKRouter allocates its buffers on the current CUDA device and moves its weight to
-the GPU in `gating`; everything else (score functions, group-limited routing, expert bias, the three
-aux losses, z-loss, input jitter, router dtype) is device-agnostic and reused as is.
+Why a subclass: upstream's score functions, group-limited routing, expert bias, the three aux losses,
+z-loss, input jitter and router dtype are device-agnostic and stay upstream's code. What is not:
+`TopKRouter.__init__` allocates its buffers on the current CUDA device, `gating` moves the weight
+there (and uses Transformer Engine's GEMM when installed), `_apply_expert_bias` is torch.compile'd,
+and the fused routing kernels and the benchmark-only random logits need CUDA. Those few pieces are
+replaced here; buffers live on the weight's device, which follows the input's device.
 
-Token dropping, with `moe_expert_capacity_factor`, has two scopes (see capacity.py):
-- subsequence: Megatron's semantics, capacity from this rank's shard. Same kept tokens as upstream's
-  `apply_router_token_dropping`, except that ties are broken deterministically (lower position first;
-  upstream's torch.topk(sorted=False) leaves the choice among equal scores to the kernel).
-- sequence: routing scores are all-gathered over the attention TP x CP group (one collective of
-  [tokens, E] floats: far smaller than hidden states), put back in true token order (undoing sequence
-  parallelism and CP's load-balanced chunks), drops decided per (sequence, expert) over the whole
-  sequence, and this rank's rows kept. Every layout then drops exactly the same tokens.
+Token dropping (`moe_expert_capacity_factor`) has two scopes (see capacity.py):
+- subsequence: Megatron's semantics, capacity = ceil(local_tokens * topk / E * cf) from this rank's
+  shard; the same kept tokens as upstream's `apply_router_token_dropping` wherever upstream's choice
+  is well defined (see "Differences" below).
+- sequence: the drop keys (routing probabilities, E floats per token: small next to hidden states)
+  are all-gathered over the ranks holding one micro-batch's tokens (attention TP x CP with sequence
+  parallelism, CP alone without it), put back in true token order (undoing sequence parallelism and
+  CP's load-balanced chunks), drops decided per (sequence, expert) with capacity
+  ceil(seq_len * topk / E * cf), and this rank's rows kept. Every layout then drops the same tokens
+  (given the same router scores: a gating GEMM whose rounding changed with the layout could still
+  flip a near-tie).
+Drop decisions are made without gradient; the probabilities of kept tokens keep their graph.
 
-Padding: this router never returns a padded routing map (upstream turns the map into the capacity
-mask, routing zero-probability tokens to fill every expert). The dispatcher pads each (rank, expert)
-block with zero rows to a static size instead; padding rows carry probability 0, so outputs and
-gradients are the same as upstream's.
+Padding (`moe_pad_expert_input_to_capacity`): this router NEVER returns a padded routing map.
+Upstream returns the capacity mask, i.e. routes zero-probability tokens to experts to fill them up.
+We return the dropped map; FlexFoldDispatcher pads every (rank, expert) block with probability-0
+rows to the static size `capacity.padded_tokens_per_expert(...)`. Padding rows contribute zero to
+outputs and gradients, so both equal upstream's.
+
+Differences from upstream, all in cases where upstream's result is left to a kernel:
+- Ties are broken by position (the lower row index, i.e. the earlier token, wins). Upstream uses
+  torch.topk(sorted=False), whose choice among equal keys is unspecified.
+- "position" policy: upstream runs that topk over the 0/1 routing map, so which routed tokens it keeps
+  is arbitrary (on CPU, e.g. rows 9, 0 and 7 rather than 0, 1, 2). We keep the earliest tokens, as the
+  policy's name promises; the number kept per expert is the same.
+- "probs" policy: a routed token with probability exactly 0 always beats an unrouted slot.
+Like upstream, padding tokens (padding_mask) compete for capacity; they are excluded from the token
+counts, the expert-bias counts and the aux losses. Upstream's expert-bias count with a padding mask
+fails to broadcast ([tokens, E] & [tokens]); ours masks rows.
+
+Metrics, refreshed by every forward (detached; layout-invariant with sequence scope):
+`last_tokens_per_expert` and `last_tokens_per_expert_before_drop` ([E] int64, the layer's whole input,
+i.e. summed over the token group), `last_dropped_fraction` (0-d float64 tensor, no host sync).
+Sequence scope derives them from the gathered keys; otherwise one all-reduce of 2*E counts.
 """
 
 from __future__ import annotations
@@ -27,7 +51,6 @@ import torch
 import torch.distributed as dist
 from megatron.core.transformer.moe.moe_utils import (
     compute_routing_scores_for_aux_loss,
-    router_gating_linear,
     topk_routing_with_score_function,
 )
 from megatron.core.transformer.moe.router import TopKRouter
@@ -38,70 +61,112 @@ from megatron_fold.token_order import local_token_positions
 
 __all__ = ["FoldRouter", "NonFiniteRouterScores"]
 
+_ROUTER_DTYPES = {"fp32": torch.float32, "fp64": torch.float64}
+_DROP_POLICIES = ("probs", "position")
+# Drop key of a (token, expert) pair the token is not routed to: below every probability, so routed
+# pairs always win a slot first.
+_UNROUTED = -1.0
+
 
 class NonFiniteRouterScores(FloatingPointError):
     """Router logits contained NaN or infinity (diverged training or corrupted input)."""
 
 
 class FoldRouter(TopKRouter):
+    """TopKRouter for folded layouts: device-agnostic, with `subsequence` or `sequence` drop scope.
+
+    Input hidden states [S_local, B, H]; outputs probs [S_local*B, E] and routing_map [S_local*B, E]
+    (bool, after dropping, never padded), row = s*B + b as upstream's .view(-1, E).
+    """
+
     def __init__(self, config, pg_collection=None, is_mtp_layer: bool = False, *,
                  drop_scope: DropScope | str = DropScope.SUBSEQUENCE, check_finite: bool = True):
-        if pg_collection is None:
-            raise ValueError("FoldRouter needs the folded ProcessGroupCollection; it never falls back to globals")
-        if config.moe_router_fusion:
-            raise ValueError("moe_router_fusion needs Transformer Engine's CUDA kernels; FoldRouter runs the "
-                             "unfused (device-agnostic) path: set moe_router_fusion=False")
-        if config.moe_router_load_balancing_type == "quantile_balancing":
-            raise ValueError("quantile_balancing routing is not supported by FoldRouter; use aux losses or "
-                             "moe_router_enable_expert_bias")
-        # Upstream allocates the expert-bias and global-aux-loss buffers on the current CUDA device.
-        # Build without them and register them below on the weight's device.
+        _check_supported(config, pg_collection)
+        self.drop_scope = DropScope.parse(drop_scope)
+        # Build with expert bias and aux losses off (so upstream allocates no buffer on a CUDA
+        # device), then restore the real config and register those buffers on the weight's device.
         build_config = copy.copy(config)
         build_config.moe_router_enable_expert_bias = False
-        build_config.moe_aux_loss_coeff = 0.0
+        build_config.moe_router_load_balancing_type = "none"
         super().__init__(build_config, pg_collection=pg_collection, is_mtp_layer=is_mtp_layer)
         self.config = config
-        device = self.weight.device
+        self.routing_type = config.moe_router_load_balancing_type
         self.enable_expert_bias = config.moe_router_enable_expert_bias
+        device = self.weight.device
         zeros = lambda: torch.zeros(self.num_experts, dtype=torch.float32, device=device)  # noqa: E731
         if self.enable_expert_bias:
-            self._replace_with_buffer("local_tokens_per_expert", zeros(), persistent=False)
-            self._replace_with_buffer("expert_bias", zeros(), persistent=True)
+            self._register_buffer_over_attribute("local_tokens_per_expert", zeros(), persistent=False)
+            self._register_buffer_over_attribute("expert_bias", zeros(), persistent=True)
         if self.get_aux_loss_coeff("global_aux_loss") > 0:
-            self._replace_with_buffer("global_tokens_per_expert", zeros(), persistent=False)
-            self._replace_with_buffer("ga_steps", torch.tensor(0.0, device=device), persistent=False)
+            self._register_buffer_over_attribute("global_tokens_per_expert", zeros(), persistent=False)
+            self._register_buffer_over_attribute(
+                "ga_steps", torch.zeros((), dtype=torch.float32, device=device), persistent=False)
 
-        self.drop_scope = DropScope.parse(drop_scope)
         self.check_finite = check_finite
-        # The ranks that hold distinct tokens of one micro-batch: TP x CP with sequence parallelism;
-        # without it (evaluation with TP > 1) TP ranks hold the same tokens, so only CP splits them.
-        if config.sequence_parallel:
-            self.token_group, self.tp_size, self.tp_rank = self.tp_cp_group, dist.get_world_size(self.tp_group), \
-                dist.get_rank(self.tp_group)
-        else:
-            self.token_group, self.tp_size, self.tp_rank = self.cp_group, 1, 0
+        # The ranks holding distinct tokens of one micro-batch. With sequence parallelism TP x CP; without
+        # it (evaluation with TP > 1) TP ranks hold the same tokens, so only CP splits the sequence.
         self.cp_size, self.cp_rank = dist.get_world_size(self.cp_group), dist.get_rank(self.cp_group)
+        if config.sequence_parallel:
+            self.token_group = self.tp_cp_group
+            self.seq_tp_size, self.seq_tp_rank = dist.get_world_size(self.tp_group), dist.get_rank(self.tp_group)
+        else:
+            self.token_group, self.seq_tp_size, self.seq_tp_rank = self.cp_group, 1, 0
         self.comm_counter = CommCounter()
-        self._member_coords: list[tuple[int, int]] | None = None  # (tp rank, cp rank) of each token-group member
-        self._local_counts: torch.Tensor | None = None  # [2, E]: routed before / after dropping, this rank
+        self._member_coords: list[tuple[int, int]] | None = None  # (seq tp rank, cp rank) per token-group rank
 
-    def _replace_with_buffer(self, name: str, value: torch.Tensor, persistent: bool) -> None:
+        self.last_tokens_per_expert: torch.Tensor | None = None  # [E] int64, after dropping
+        self.last_tokens_per_expert_before_drop: torch.Tensor | None = None  # [E] int64
+        self.last_dropped_fraction: torch.Tensor | None = None  # [] float64
+
+    def _register_buffer_over_attribute(self, name: str, value: torch.Tensor, persistent: bool) -> None:
         delattr(self, name)  # upstream set it to None as a plain attribute
         self.register_buffer(name, value, persistent=persistent)
 
-    def gating(self, input: torch.Tensor) -> torch.Tensor:
-        """Upstream's gate without moving the weight to a CUDA device: it stays where it lives."""
-        router_dtype = {"fp32": torch.float32, "fp64": torch.float64}.get(self.config.moe_router_dtype, input.dtype)
-        return router_gating_linear(input, self.weight, self.bias, router_dtype)
+    # ---- forward pieces upstream runs on CUDA only --------------------------------------------------
+    def forward(self, input: torch.Tensor, padding_mask: torch.Tensor | None = None):
+        """[S_local, B, H] -> probs, routing_map, both [S_local*B, E]."""
+        if input.dim() != 3 or input.shape[-1] != self.config.hidden_size:
+            raise ValueError(
+                f"MoE layer {self.layer_number}: FoldRouter expects hidden states [seq_local, batch, "
+                f"hidden={self.config.hidden_size}], got shape {tuple(input.shape)}")
+        if padding_mask is not None and tuple(padding_mask.shape) != tuple(input.shape[:2]):
+            raise ValueError(f"MoE layer {self.layer_number}: padding_mask has shape {tuple(padding_mask.shape)}, "
+                             f"expected [seq_local, batch] = {tuple(input.shape[:2])}")
+        if self.weight.device != input.device:
+            # Upstream moves a CPU weight to the current CUDA device on first use; the device-agnostic
+            # equivalent follows the input (parameters keep their identity; buffers move along).
+            self.to(input.device)
+        return super().forward(input, padding_mask)
 
+    def gating(self, input: torch.Tensor) -> torch.Tensor:
+        """Upstream's gate (logits in moe_router_dtype) with torch matmuls on the input's device."""
+        router_dtype = _ROUTER_DTYPES.get(self.config.moe_router_dtype, input.dtype)
+        return _RouterGate.apply(input, self.weight, self.bias, router_dtype)
+
+    def _apply_expert_bias(self, routing_map: torch.Tensor, padding_mask: torch.Tensor | None = None):
+        """Count routed tokens for the expert-bias update (upstream's, uncompiled, masking whole rows).
+
+        The counts stay per rank; finalize_model_grads all-reduces them over TP x DP x CP before the
+        sign update (megatron.core.transformer.moe.moe_utils.get_updated_expert_bias).
+        """
+        if self.enable_expert_bias and torch.is_grad_enabled():
+            with torch.no_grad():
+                if padding_mask is not None:
+                    routing_map = routing_map & ~padding_mask.unsqueeze(-1)
+                self.local_tokens_per_expert += routing_map.sum(dim=0)
+
+    # ---- routing ----------------------------------------------------------------------------------
     def routing(self, logits: torch.Tensor, padding_mask: torch.Tensor | None = None):
-        """Upstream's TopKRouter.routing with the finite check and our drop scopes. [S, B, E] -> [S*B, E] x2"""
+        """Upstream's TopKRouter.routing with the finite check, our drop scopes and token counts.
+
+        logits [S, B, E] -> probs, routing_map [S*B, E]; padding_mask [S, B] (True = padding).
+        """
         seq_length, bsz = logits.shape[:2]
-        logits = logits.view(-1, self.config.num_moe_experts)
+        logits = logits.view(-1, self.num_experts)  # [S*B, E]
+        if padding_mask is not None:
+            padding_mask = padding_mask.reshape(-1)  # [S*B]
         if self.check_finite:
             self._check_finite(logits)
-        if padding_mask is not None:
-            padding_mask = padding_mask.reshape(-1)
         logits = self.apply_z_loss(logits, padding_mask=padding_mask)
 
         if self.routing_type == "sinkhorn":
@@ -118,10 +183,11 @@ class FoldRouter(TopKRouter):
                 fused=False,
                 router_replay=self.router_replay,
             )
-        before_drop = routing_map
+        routed = routing_map
+        gathered_counts = None
         if self.config.moe_expert_capacity_factor is not None:
-            probs, routing_map = self._drop(probs, routing_map, seq_length, bsz)
-        self._record_metrics(before_drop, routing_map)
+            probs, routing_map, gathered_counts = self._drop(probs, routing_map, seq_length, bsz)
+        self._record_token_counts(routed, routing_map, padding_mask, gathered_counts)
 
         if self.training and torch.is_grad_enabled() and self.is_aux_loss_enabled():
             map_for_aux, scores_for_aux = compute_routing_scores_for_aux_loss(
@@ -134,16 +200,16 @@ class FoldRouter(TopKRouter):
         self._apply_expert_bias(routing_map, padding_mask=padding_mask)
         return probs, routing_map
 
-    # ---- checks and metrics ---------------------------------------------------------------------------
+    # ---- checks and metrics -----------------------------------------------------------------------
     def _check_finite(self, logits: torch.Tensor) -> None:
-        """Raise on every rank of this pipeline stage when any of them sees NaN/inf router scores.
+        """Raise on every rank of this pipeline stage when any of them sees NaN/inf router logits.
 
         A rank that raised alone would leave its peers blocked in the dispatcher's collectives, so the
-        count of bad tokens is all-reduced over TP x DP x CP (every rank that runs this layer; the expert
-        groups lie inside it). Costs one small all-reduce and one host synchronisation per layer; turn
-        it off with check_finite=False.
+        count of bad tokens is all-reduced over TP x DP x CP (every rank that runs this layer; the
+        expert groups lie inside it). Costs one small all-reduce and one host synchronisation per
+        forward; turn it off with check_finite=False.
         """
-        local_bad = (~torch.isfinite(logits)).any(dim=-1).sum().reshape(1)
+        local_bad = (~torch.isfinite(logits)).any(dim=-1).sum().reshape(1)  # [1] tokens with a bad logit
         total_bad = local_bad.clone()
         if dist.get_world_size(self.tp_dp_cp_group) > 1:
             dist.all_reduce(total_bad, group=self.tp_dp_cp_group)
@@ -151,74 +217,96 @@ class FoldRouter(TopKRouter):
         total, local = int(total_bad.item()), int(local_bad.item())
         if total:
             raise NonFiniteRouterScores(
-                f"MoE layer {self.layer_number}: router scores are NaN or infinite for {local} of "
+                f"MoE layer {self.layer_number}: router logits are NaN or infinite for {local} of "
                 f"{logits.shape[0]} tokens on this rank ({total} on the ranks of this pipeline stage): "
-                "diverged training or bad input; pass check_finite=False to the spec to skip this check"
-            )
+                "diverged training or bad input; pass check_finite=False to skip this check")
 
-    def _record_metrics(self, before: torch.Tensor, after: torch.Tensor) -> None:
-        """Keep this rank's counts; token_counts() reduces them only when someone asks (no collective
-        on the training path)."""
+    def _record_token_counts(self, routed: torch.Tensor, kept: torch.Tensor, padding_mask: torch.Tensor | None,
+                             gathered_counts: torch.Tensor | None) -> None:
+        """Tokens per expert over the token group's whole input, before and after dropping."""
         with torch.no_grad():
-            self._local_counts = torch.stack([before.sum(dim=0), after.sum(dim=0)]).to(torch.float64)
+            counts = gathered_counts  # [2, E] from the sequence-scope gather (padding included)
+            if counts is None or padding_mask is not None:
+                if padding_mask is not None:
+                    valid = ~padding_mask.unsqueeze(-1)  # [S*B, 1]
+                    routed, kept = routed & valid, kept & valid
+                counts = torch.stack([routed.sum(dim=0), kept.sum(dim=0)])  # [2, E] int64
+                if dist.get_world_size(self.token_group) > 1:
+                    dist.all_reduce(counts, group=self.token_group)
+                    self.comm_counter.record("all_reduce_token_counts", counts.numel() * counts.element_size())
+            before, after = counts[0], counts[1]
+            routed_total = before.sum().to(torch.float64)
+            self.last_tokens_per_expert_before_drop = before
+            self.last_tokens_per_expert = after
+            self.last_dropped_fraction = torch.where(
+                routed_total > 0, 1.0 - after.sum().to(torch.float64) / routed_total.clamp(min=1.0),
+                torch.zeros_like(routed_total))
 
     def token_counts(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tokens per expert over the layer's whole input (the TP x CP group's tokens) of the latest
-        forward, before and after dropping. A collective: call it on every rank of the TP x CP group."""
-        if self._local_counts is None:
-            raise RuntimeError(f"MoE layer {self.layer_number}: token_counts() before the first forward")
-        counts = self._local_counts.clone()
-        if dist.get_world_size(self.token_group) > 1:
-            dist.all_reduce(counts, group=self.token_group)
-        return counts[0], counts[1]
+        """(before, after) dropping, float64 [E], of the latest forward: the `last_*` attributes.
 
-    # ---- token dropping -------------------------------------------------------------------------------
+        Kept for FoldMoELayer.metrics(); no collective (the counts were reduced in the forward)."""
+        if self.last_tokens_per_expert is None:
+            raise RuntimeError(f"MoE layer {self.layer_number}: token_counts() before the first forward")
+        return (self.last_tokens_per_expert_before_drop.to(torch.float64),
+                self.last_tokens_per_expert.to(torch.float64))
+
+    # ---- token dropping ---------------------------------------------------------------------------
     def _drop(self, probs: torch.Tensor, routing_map: torch.Tensor, seq_length: int, bsz: int):
+        """probs, routing_map [S*B, E] -> the same after dropping, and (sequence scope) counts [2, E]."""
         cf = self.config.moe_expert_capacity_factor
         with torch.no_grad():
+            key = self._drop_key(probs, routing_map)  # [S*B, E]
             if self.drop_scope is DropScope.SUBSEQUENCE:
-                capacity = expert_capacity(probs.shape[0], self.topk, self.num_experts, cf)
-                keep = _keep_top(self._drop_key(probs, routing_map), capacity, dim=0)
+                keep = _keep_top(key, expert_capacity(key.shape[0], self.topk, self.num_experts, cf), dim=0)
+                counts = None
             else:
-                keep = self._sequence_keep(probs, routing_map, seq_length, bsz, cf)
-            final_map = routing_map & keep
-        return probs * final_map, final_map
+                keep, counts = self._sequence_keep(key, seq_length, bsz, cf)
+            kept = routing_map & keep
+        return probs * kept, kept, counts
 
     def _drop_key(self, probs: torch.Tensor, routing_map: torch.Tensor) -> torch.Tensor:
-        """What a token competes on for a slot: its probability, or just being routed (position policy)."""
-        policy = self.config.moe_token_drop_policy
-        if policy == "probs":
-            return torch.where(routing_map, probs.detach(), torch.full_like(probs, -1.0))
-        if policy == "position":
-            return routing_map.to(probs.dtype)
-        raise ValueError(f"unknown moe_token_drop_policy {policy!r}; choose 'probs' or 'position'")
+        """What a routed pair competes on for a slot (higher wins): its probability (probs policy) or
+        nothing (position policy: all routed pairs tie, so the earlier token wins)."""
+        unrouted = torch.full_like(probs, _UNROUTED)
+        if self.config.moe_token_drop_policy == "probs":
+            return torch.where(routing_map, probs.detach(), unrouted)
+        return torch.where(routing_map, torch.zeros_like(probs), unrouted)
 
-    def _sequence_keep(self, probs, routing_map, seq_length, bsz, cf) -> torch.Tensor:
-        """Keep mask for this rank's rows, decided per (sequence, expert) over whole sequences."""
+    def _sequence_keep(self, key: torch.Tensor, seq_length: int, bsz: int, cf: float):
+        """Keep mask [S_local*B, E] for this rank's rows, decided per (sequence, expert) over whole
+        sequences, and the token group's counts [2, E] (routed, kept) read off the gathered keys."""
         E = self.num_experts
-        key = self._drop_key(probs, routing_map).view(seq_length, bsz, E)
+        key = key.view(seq_length, bsz, E)  # [S_local, B, E]
+        full_len = seq_length * self.seq_tp_size * self.cp_size
         group_size = dist.get_world_size(self.token_group)
-        full_len = seq_length * self.tp_size * self.cp_size
-        if group_size > 1:
+        if group_size == 1:
+            full = key  # [S, B, E]
+        else:
             parts = [torch.empty_like(key) for _ in range(group_size)]
             dist.all_gather(parts, key.contiguous(), group=self.token_group)
             self.comm_counter.record("all_gather_scores", key.numel() * key.element_size() * (group_size - 1))
-            full = key.new_empty(full_len, bsz, E)
-            for (tp_rank, cp_rank), part in zip(self._coords(), parts):
-                full[local_token_positions(full_len, tp_rank, self.tp_size, cp_rank, self.cp_size, key.device)] = part
-        else:
-            full = key
+            full = key.new_empty(full_len, bsz, E)  # [S, B, E] in true token order
+            for (tp_rank, cp_rank), part in zip(self._coords(key.device), parts):
+                full[self._positions(full_len, tp_rank, cp_rank, key.device)] = part
         capacity = expert_capacity(full_len, self.topk, E, cf)
-        keep_full = _keep_top(full, capacity, dim=0)  # [S_full, B, E]
-        mine = local_token_positions(full_len, self.tp_rank, self.tp_size, self.cp_rank, self.cp_size, key.device)
-        return keep_full.index_select(0, mine).reshape(-1, E)
+        keep_full = _keep_top(full, capacity, dim=0)  # [S, B, E]
+        routed = full > _UNROUTED
+        counts = torch.stack([routed.sum(dim=(0, 1)), (routed & keep_full).sum(dim=(0, 1))])  # [2, E]
+        mine = self._positions(full_len, self.seq_tp_rank, self.cp_rank, key.device)
+        return keep_full.index_select(0, mine).reshape(-1, E), counts
 
-    def _coords(self) -> list[tuple[int, int]]:
-        """(tp rank, cp rank) of every member of the token group, in group order (gathered once)."""
+    def _positions(self, full_len: int, tp_rank: int, cp_rank: int, device) -> torch.Tensor:
+        return local_token_positions(full_len, tp_rank, self.seq_tp_size, cp_rank, self.cp_size, device)
+
+    def _coords(self, device) -> list[tuple[int, int]]:
+        """(seq tp rank, cp rank) of every token-group member, in group order. Gathered once: group
+        order need not follow any rank formula (Megatron's `order` argument changes it)."""
         if self._member_coords is None:
-            mine = torch.tensor([self.tp_rank, self.cp_rank], dtype=torch.long)
+            mine = torch.tensor([self.seq_tp_rank, self.cp_rank], dtype=torch.long, device=device)
             parts = [torch.empty_like(mine) for _ in range(dist.get_world_size(self.token_group))]
             dist.all_gather(parts, mine, group=self.token_group)
+            self.comm_counter.record("all_gather_coords", mine.numel() * mine.element_size() * (len(parts) - 1))
             self._member_coords = [tuple(p.tolist()) for p in parts]
         return self._member_coords
 
@@ -230,3 +318,59 @@ def _keep_top(key: torch.Tensor, k: int, dim: int) -> torch.Tensor:
         return torch.ones_like(key, dtype=torch.bool)
     order = torch.sort(key, dim=dim, descending=True, stable=True).indices.narrow(dim, 0, k)
     return torch.zeros_like(key, dtype=torch.bool).scatter(dim, order, True)
+
+
+class _RouterGate(torch.autograd.Function):
+    """logits = input @ weight.T (+ bias) computed in router_dtype, saving only the low-precision
+    input and weight (upstream's RouterGatingLinearFunction without its Transformer Engine GEMM,
+    which would fail on CPU tensors). input [..., H], weight [E, H] -> [..., E]."""
+
+    @staticmethod
+    def forward(ctx, inp, weight, bias, router_dtype):
+        ctx.save_for_backward(inp, weight, bias)
+        ctx.router_dtype, ctx.input_dtype, ctx.weight_dtype = router_dtype, inp.dtype, weight.dtype
+        flat = inp.reshape(-1, inp.shape[-1]).to(router_dtype)  # [N, H]
+        if bias is None:
+            out = torch.mm(flat, weight.to(router_dtype).t())
+        else:
+            out = torch.addmm(bias.to(router_dtype), flat, weight.to(router_dtype).t())
+        return out.view(*inp.shape[:-1], -1)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        inp, weight, bias = ctx.saved_tensors
+        grad = grad_output.reshape(-1, grad_output.shape[-1])  # [N, E]
+        flat = inp.reshape(-1, inp.shape[-1])
+        grad_input = torch.mm(grad, weight.to(ctx.router_dtype)).to(ctx.input_dtype).view(inp.shape)
+        grad_weight = torch.mm(grad.t(), flat.to(ctx.router_dtype)).to(ctx.weight_dtype)
+        grad_bias = grad.sum(dim=0).to(ctx.weight_dtype) if bias is not None else None
+        return grad_input, grad_weight, grad_bias, None
+
+
+def _check_supported(config, pg_collection) -> None:
+    """Reject what FoldRouter cannot run, before any group or buffer is touched."""
+    if pg_collection is None:
+        raise ValueError("FoldRouter needs the folded ProcessGroupCollection (from megatron_fold.parallel_state."
+                         "initialize_model_parallel(layout)); it never falls back to Megatron's global groups")
+    missing = [g for g in ("tp", "cp", "tp_cp", "tp_dp_cp") if getattr(pg_collection, g, None) is None]
+    if missing:
+        raise ValueError(f"FoldRouter's ProcessGroupCollection lacks {missing}; build it with "
+                         "megatron_fold.parallel_state.initialize_model_parallel(layout)")
+    if config.moe_router_fusion:
+        raise ValueError("moe_router_fusion=True needs Transformer Engine's CUDA kernels; FoldRouter runs the "
+                         "unfused, device-agnostic path with the same numbers: set moe_router_fusion=False")
+    types = config.moe_router_load_balancing_type
+    if "quantile_balancing" in (types if isinstance(types, list) else [types]):
+        raise ValueError("moe_router_load_balancing_type='quantile_balancing' is not supported by FoldRouter; use "
+                         "aux_loss / seq_aux_loss / global_aux_loss or moe_router_enable_expert_bias")
+    for flag in ("moe_router_force_load_balancing", "moe_router_force_biased"):
+        if getattr(config, flag, None) not in (None, False):
+            raise ValueError(f"{flag} draws random logits through Megatron's CUDA RNG tracker; FoldRouter does not "
+                             f"support this benchmark-only option (got {getattr(config, flag)!r}); unset it")
+    cf = config.moe_expert_capacity_factor
+    if cf is not None:
+        if cf <= 0:
+            raise ValueError(f"moe_expert_capacity_factor must be positive (or None for dropless), got {cf!r}")
+        if config.moe_token_drop_policy not in _DROP_POLICIES:
+            raise ValueError(f"unknown moe_token_drop_policy {config.moe_token_drop_policy!r}; choose one of "
+                             f"{', '.join(_DROP_POLICIES)}")

@@ -1,198 +1,338 @@
-"""FoldRouter on one rank: every upstream TopKRouter feature gives upstream's numbers; our dropping
-matches upstream's (subsequence, probs policy) or a brute-force reference; the finite check."""
+"""FoldRouter on one rank, against upstream's TopKRouter and brute force.
 
+- Every upstream feature gives upstream's probs, routing map, input and weight gradients (aux losses
+  and z-loss act through the backward pass), logged losses and expert-bias counts.
+- Subsequence dropping keeps upstream's tokens (probs policy); the position policy keeps as many
+  tokens per expert as upstream, the earliest ones (upstream's choice among them is arbitrary).
+- Both scopes and both policies equal a brute-force loop over (sequence, expert), exact ties included.
+- Nothing FoldRouter does calls torch.cuda: a guard fails the test if it does, while upstream's
+  TopKRouter gets torch.cuda.current_device() == "cpu" (it allocates its buffers there).
+"""
+
+import contextlib
 import math
+import os
+import tempfile
 
 import pytest
 import torch
+import torch.distributed as dist
+from megatron.core.transformer.moe.moe_logging import destroy_moe_metrics_tracker, get_moe_metrics_tracker
 from megatron.core.transformer.moe.router import TopKRouter
 
 from megatron_fold import FoldedLayout, parallel_state
 from megatron_fold.router import FoldRouter, NonFiniteRouterScores
 from tests import moe_reference as ref
-from tests.multirank import run_on_ranks
 
 S, B, H = 12, 3, 16
+
+
+# ---- one gloo rank in this process, and a guard on torch.cuda ------------------------------------------
+
+@pytest.fixture(scope="module")
+def pgs():
+    with tempfile.TemporaryDirectory(prefix="mfold-router-") as tmp:
+        dist.init_process_group("gloo", store=dist.FileStore(os.path.join(tmp, "store"), 1), rank=0, world_size=1)
+        try:
+            yield parallel_state.initialize_model_parallel(FoldedLayout(1))
+        finally:
+            parallel_state.destroy_model_parallel()
+            dist.destroy_process_group()
+
+
+class CudaGuard:
+    """torch.cuda answers like a CPU-only machine inside `upstream()`; anywhere else a call fails."""
+
+    PATCHED = [(torch.cuda, "current_device"), (torch.cuda, "current_stream"), (torch.cuda, "Stream"),
+               (torch.cuda, "Event"), (torch.cuda, "synchronize"), (torch.cuda, "get_rng_state"),
+               (torch.cuda, "set_rng_state"), (torch.cuda.random, "get_rng_state"), (torch.Tensor, "cuda")]
+
+    def __init__(self, monkeypatch):
+        self.allowed = False
+        for owner, name in self.PATCHED:
+            monkeypatch.setattr(owner, name, self._guarded(name))
+
+    def _guarded(self, name):
+        def call(*args, **kwargs):
+            if self.allowed and name == "current_device":
+                return "cpu"
+            raise AssertionError(f"torch.cuda.{name} called outside upstream code (FoldRouter must not use CUDA)")
+        return call
+
+    @contextlib.contextmanager
+    def upstream(self):
+        self.allowed = True
+        try:
+            yield
+        finally:
+            self.allowed = False
+
+
+@pytest.fixture
+def cuda(monkeypatch):
+    return CudaGuard(monkeypatch)
+
+
+# ---- helpers -----------------------------------------------------------------------------------------
+
+def _config(**overrides):
+    return ref.make_moe_config(FoldedLayout(1), hidden_size=H, **overrides)
+
+
+def _weights(config, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    w = {"weight": torch.randn(config.num_moe_experts, H, generator=g) * 0.5}
+    if config.add_bias_linear:
+        w["bias"] = torch.randn(config.num_moe_experts, generator=g) * 0.1
+    if config.moe_router_enable_expert_bias:
+        w["expert_bias"] = torch.linspace(-0.3, 0.3, config.num_moe_experts)
+    return w
+
+
+def _load(router, weights):
+    with torch.no_grad():
+        for name, value in weights.items():
+            getattr(router, name).copy_(value)
+    router.set_layer_number(1)
+    router.train()
+    return router
+
+
+def _run(router, x, r, padding_mask=None, seed=5):
+    """Forward + backward of sum(probs * r); returns everything a router affects."""
+    destroy_moe_metrics_tracker()
+    torch.manual_seed(seed)  # input jitter draws random numbers
+    x = x.clone().requires_grad_(True)
+    probs, routing_map = router(x, padding_mask=padding_mask)
+    (probs * r).sum().backward()
+    logged = {name: entry.values.clone() for name, entry in get_moe_metrics_tracker().metrics.items()}
+    counts = None if router.local_tokens_per_expert is None else router.local_tokens_per_expert.clone()
+    return dict(probs=probs.detach(), map=routing_map, gx=x.grad, gw=router.weight.grad.clone(),
+                gb=None if router.bias is None else router.bias.grad.clone(), logged=logged, bias_counts=counts)
+
+
+def _inputs(experts, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(S, B, H, generator=g), torch.randn(S * B, experts, generator=g)
+
+
+def _padding_mask():
+    mask = torch.zeros(S, B, dtype=torch.bool)
+    mask[-3:, 0] = True  # the end of sequence 0 is padding
+    return mask
+
+
+# ---- every upstream feature equals upstream --------------------------------------------------------------
 
 FEATURES = {
     "softmax": dict(),
     "pre-softmax": dict(moe_router_pre_softmax=True),
+    "sigmoid": dict(moe_router_score_function="sigmoid"),
     "sigmoid-expert-bias": dict(moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True),
     "scaling-factor": dict(moe_router_topk_scaling_factor=2.5),
     "group-limited": dict(num_moe_experts=16, moe_router_topk=4, moe_router_num_groups=4, moe_router_group_topk=2),
-    "fp64": dict(moe_router_dtype="fp64"),
+    "group-limited-sigmoid-bias": dict(num_moe_experts=16, moe_router_topk=4, moe_router_num_groups=4,
+                                       moe_router_group_topk=2, moe_router_score_function="sigmoid",
+                                       moe_router_enable_expert_bias=True, moe_router_topk_scaling_factor=2.0),
+    "fp64-router": dict(moe_router_dtype="fp64"),
     "fp32-router": dict(moe_router_dtype="fp32"),
-    "aux-loss+z-loss": dict(moe_router_load_balancing_type="aux_loss", moe_aux_loss_coeff=0.1, moe_z_loss_coeff=0.01),
+    "router-bias": dict(add_bias_linear=True),
+    "z-loss": dict(moe_z_loss_coeff=0.01),
+    "aux-loss": dict(moe_router_load_balancing_type="aux_loss", moe_aux_loss_coeff=0.1),
     "seq-aux-loss": dict(moe_router_load_balancing_type="seq_aux_loss", moe_aux_loss_coeff=0.1),
     "global-aux-loss": dict(moe_router_load_balancing_type="global_aux_loss", moe_aux_loss_coeff=0.1),
+    "three-aux-losses+z": dict(moe_router_load_balancing_type=["aux_loss", "seq_aux_loss", "global_aux_loss"],
+                               moe_aux_loss_coeff=[0.1, 0.05, 0.02], moe_z_loss_coeff=0.01),
+    "per-token-loss": dict(moe_router_load_balancing_type="aux_loss", moe_aux_loss_coeff=0.1,
+                           moe_z_loss_coeff=0.01, calculate_per_token_loss=True),
+    "padding-mask-aux+z": dict(moe_router_load_balancing_type="aux_loss", moe_aux_loss_coeff=0.1,
+                               moe_z_loss_coeff=0.01),
     "jitter": dict(moe_input_jitter_eps=0.1),
-    "drop-probs": dict(moe_expert_capacity_factor=0.5),
     "sinkhorn": dict(moe_router_load_balancing_type="sinkhorn", moe_router_topk=1),
+    # Subsequence dropping, probs policy: upstream's apply_router_token_dropping inside TopKRouter.
+    "drop-top1-e8": dict(moe_router_topk=1, moe_router_pre_softmax=True, moe_expert_capacity_factor=0.5),
+    "drop-top2-e8+aux": dict(moe_expert_capacity_factor=1.0, moe_router_load_balancing_type="aux_loss",
+                             moe_aux_loss_coeff=0.1),
+    "drop-top2-e64": dict(num_moe_experts=64, moe_expert_capacity_factor=2.0),
+    "drop-sigmoid-bias": dict(moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
+                              moe_expert_capacity_factor=0.5),
+    "drop-capacity-above-tokens": dict(moe_router_topk=4, moe_expert_capacity_factor=64.0),
 }
 
 
-def _routers(config, pgs, **kwargs):
-    torch.manual_seed(0)
-    upstream = TopKRouter(config, pg_collection=pgs)
-    ours = FoldRouter(config, pg_collection=pgs, **kwargs)
-    ours.load_state_dict(upstream.state_dict())
-    for r in (upstream, ours):
-        r.set_layer_number(1)
-        r.train()
-    if config.moe_router_enable_expert_bias:
-        bias = torch.linspace(-0.3, 0.3, config.num_moe_experts)
-        upstream.expert_bias.copy_(bias)
-        ours.expert_bias.copy_(bias)
-    return upstream, ours
-
-
-def _route(router, x, r, seed):
-    torch.manual_seed(seed)  # input jitter draws random numbers
-    x = x.clone().requires_grad_(True)
-    probs, routing_map = router(x)
-    (probs * r).sum().backward()
-    return probs.detach(), routing_map, x.grad, router.weight.grad
-
-
-def _compare_features(rank, world_size):
-    pgs = parallel_state.initialize_model_parallel(FoldedLayout(1))
-    try:
-        out = {}
-        for name, kw in FEATURES.items():
-            config = ref.make_moe_config(FoldedLayout(1), hidden_size=H, **kw)
-            upstream, ours = _routers(config, pgs)
-            g = torch.Generator().manual_seed(1)
-            x = torch.randn(S, B, H, generator=g)
-            r = torch.randn(S * B, config.num_moe_experts, generator=g)
-            out[name] = (_route(upstream, x, r, 5), _route(ours, x, r, 5),
-                         None if upstream.local_tokens_per_expert is None else
-                         (upstream.local_tokens_per_expert.clone(), ours.local_tokens_per_expert.clone()))
-        return out
-    finally:
-        parallel_state.destroy_model_parallel()
-
-
-@pytest.fixture(scope="module")
-def feature_results():
-    return run_on_ranks(_compare_features, 1, timeout=120)[0]
-
-
 @pytest.mark.parametrize("feature", list(FEATURES))
-def test_feature_equals_upstream(feature_results, feature):
-    (u_probs, u_map, u_gx, u_gw), (o_probs, o_map, o_gx, o_gw), counts = feature_results[feature]
-    assert torch.equal(o_map, u_map)
-    torch.testing.assert_close(o_probs, u_probs, rtol=1e-6, atol=1e-6)
-    # Aux losses and z-loss act through the backward pass: equal gradients mean equal losses.
-    torch.testing.assert_close(o_gx, u_gx, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(o_gw, u_gw, rtol=1e-6, atol=1e-6)
-    if counts is not None:  # expert-bias token counts
-        assert torch.equal(counts[0], counts[1])
+def test_feature_equals_upstream(pgs, cuda, feature):
+    config = _config(**FEATURES[feature])
+    weights = _weights(config)
+    x, r = _inputs(config.num_moe_experts)
+    mask = _padding_mask() if feature.startswith("padding-mask") else None
+    with cuda.upstream():
+        upstream = _run(_load(TopKRouter(config, pg_collection=pgs), weights), x, r, mask)
+    ours = _run(_load(FoldRouter(config, pg_collection=pgs), weights), x, r, mask)
+
+    assert torch.equal(ours["map"], upstream["map"])
+    for key in ("probs", "gx", "gw", "gb"):
+        if upstream[key] is None:
+            assert ours[key] is None
+        else:
+            torch.testing.assert_close(ours[key], upstream[key], rtol=1e-6, atol=1e-7, msg=lambda m: f"{key}: {m}")
+    assert set(ours["logged"]) == set(upstream["logged"])  # the same losses, logged under the same names
+    for name, value in upstream["logged"].items():
+        torch.testing.assert_close(ours["logged"][name], value, rtol=1e-6, atol=1e-7, msg=lambda m: f"{name}: {m}")
+    if upstream["bias_counts"] is not None:  # expert-bias token counts (after dropping)
+        assert torch.equal(ours["bias_counts"], upstream["bias_counts"])
+    if config.moe_aux_loss_coeff or config.moe_z_loss_coeff:
+        assert upstream["logged"], "the loss under test was not logged: the comparison would be vacuous"
 
 
-# ---- sequence scope and the position policy against brute force ---------------------------------------
+def test_expert_bias_counts_skip_padding(pgs, cuda):
+    """Upstream's count fails to broadcast a padding mask ([tokens, E] & [tokens]); ours masks rows."""
+    config = _config(moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True)
+    weights = _weights(config)
+    x, r = _inputs(8)
+    mask = _padding_mask()
+    ours = _run(_load(FoldRouter(config, pg_collection=pgs), weights), x, r, mask)
+    expected = (ours["map"] & ~mask.reshape(-1, 1)).sum(dim=0).float()
+    assert torch.equal(ours["bias_counts"], expected)
+    assert expected.sum() == (S * B - 3) * config.moe_router_topk  # closed form: valid tokens x top-k
 
-def brute_force_keep(key, routing_map, seq, batch, capacity):
-    """Per (sequence, expert): the `capacity` largest keys among routed tokens, earlier position on ties."""
-    key = key.view(seq, batch, -1)
-    routing_map = routing_map.view(seq, batch, -1)
-    keep = torch.zeros_like(routing_map)
+
+def test_pad_to_capacity_returns_the_dropped_map(pgs, cuda):
+    """Upstream returns the capacity mask (zero-probability tokens fill each expert); we return the
+    dropped map and leave the padding to the dispatcher. Probabilities and gradients are the same."""
+    base = dict(num_moe_experts=8, moe_expert_capacity_factor=0.5)
+    config, pad_config = _config(**base), _config(**base, moe_pad_expert_input_to_capacity=True)
+    weights = _weights(config)
+    x, r = _inputs(8)
+    with cuda.upstream():
+        upstream = _run(_load(TopKRouter(config, pg_collection=pgs), weights), x, r)
+        upstream_pad = _run(_load(TopKRouter(pad_config, pg_collection=pgs), weights), x, r)
+    ours = _run(_load(FoldRouter(pad_config, pg_collection=pgs), weights), x, r)
+    assert torch.equal(ours["map"], upstream["map"])
+    assert torch.equal(ours["map"], upstream_pad["map"] & ours["map"])  # upstream's padded map only adds rows
+    capacity = math.ceil(S * B * 2 / 8 * 0.5)
+    assert upstream_pad["map"].sum(dim=0).tolist() == [capacity] * 8  # what upstream pads to
+    for key in ("probs", "gx", "gw"):
+        torch.testing.assert_close(ours[key], upstream_pad[key], rtol=1e-6, atol=1e-7)
+
+
+# ---- dropping against brute force ------------------------------------------------------------------------
+
+def brute_force_keep(key, routed, seq, batch, capacity):
+    """Per (sequence b, expert e): the `capacity` routed tokens with the largest key, earlier first on ties."""
+    key, routed = key.view(seq, batch, -1), routed.view(seq, batch, -1)
+    keep = torch.zeros_like(routed)
     for b in range(batch):
         for e in range(key.shape[-1]):
-            routed = [s for s in range(seq) if routing_map[s, b, e]]
-            routed.sort(key=lambda s: (-float(key[s, b, e]), s))
-            for s in routed[:capacity]:
+            candidates = sorted((s for s in range(seq) if routed[s, b, e]), key=lambda s: (-float(key[s, b, e]), s))
+            for s in candidates[:capacity]:
                 keep[s, b, e] = True
     return keep.view(seq * batch, -1)
 
 
-def _sequence_scope(rank, world_size):
-    pgs = parallel_state.initialize_model_parallel(FoldedLayout(1))
-    try:
-        out = []
-        for policy, topk, experts, cf in [("probs", 2, 8, 1.0), ("position", 2, 8, 0.5), ("probs", 8, 64, 0.25),
-                                         ("position", 1, 64, 2.0)]:
-            config = ref.make_moe_config(FoldedLayout(1), hidden_size=H, num_moe_experts=experts, moe_router_topk=topk,
-                                         moe_router_pre_softmax=topk == 1, moe_expert_capacity_factor=cf,
-                                         moe_token_drop_policy=policy)
-            torch.manual_seed(0)
-            x = torch.randn(S, B, H)
-            results = {}
-            for scope in ("sequence", "subsequence"):
-                torch.manual_seed(1)
-                router = FoldRouter(config, pg_collection=pgs, drop_scope=scope)
-                router.set_layer_number(1)
-                probs, routing_map = router(x)
-                router.config = ref.make_moe_config(FoldedLayout(1), hidden_size=H, num_moe_experts=experts,
-                                                    moe_router_topk=topk, moe_router_pre_softmax=topk == 1)
-                dropless_probs, dropless_map = router(x)
-                results[scope] = (probs.detach(), routing_map, dropless_probs.detach(), dropless_map)
-            out.append((policy, topk, experts, cf, results))
-        return out
-    finally:
-        parallel_state.destroy_model_parallel()
+def _tied_inputs(experts, seed):
+    """Tokens drawn from a pool of 4 vectors with entries in {-1, 0, 1}, weights in quarters: logits are
+    exact in any summation order, so repeated tokens have bitwise-equal probabilities (exact ties)."""
+    g = torch.Generator().manual_seed(seed)
+    pool = torch.randint(-1, 2, (4, H), generator=g).float()
+    x = pool[torch.randint(0, 4, (S, B), generator=g)]  # [S, B, H]
+    weight = torch.randint(-2, 3, (experts, H), generator=g).float() / 4
+    return x, weight
 
 
-def test_dropping_equals_brute_force():
-    for policy, topk, experts, cf, results in run_on_ranks(_sequence_scope, 1, timeout=120)[0]:
-        for scope, (probs, routing_map, dropless_probs, dropless_map) in results.items():
-            tokens = S if scope == "sequence" else S * B
-            capacity = math.ceil(tokens * topk / experts * cf)
-            key = dropless_probs if policy == "probs" else dropless_map.float()
-            if scope == "sequence":
-                expected = brute_force_keep(key, dropless_map, S, B, capacity)
-            else:  # one "sequence" of all local tokens
-                expected = brute_force_keep(key, dropless_map, S * B, 1, capacity)
-            expected &= dropless_map
-            assert torch.equal(routing_map, expected), (policy, topk, experts, cf, scope)
-            torch.testing.assert_close(probs, dropless_probs * expected)
+DROPS = [("probs", 1, 8, 0.5), ("probs", 2, 8, 1.0), ("probs", 2, 64, 2.0), ("probs", 8, 64, 0.25),
+         ("position", 1, 8, 0.5), ("position", 2, 8, 0.5), ("position", 2, 64, 1.0)]
 
 
-# ---- checks ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("scope", ["subsequence", "sequence"])
+@pytest.mark.parametrize("tied", [False, True], ids=["random", "exact-ties"])
+@pytest.mark.parametrize("policy,topk,experts,cf", DROPS, ids=[f"{p}-top{k}-e{e}-cf{c}" for p, k, e, c in DROPS])
+def test_dropping_equals_brute_force(pgs, cuda, scope, tied, policy, topk, experts, cf):
+    routing = dict(num_moe_experts=experts, moe_router_topk=topk, moe_router_pre_softmax=topk == 1)
+    config = _config(**routing, moe_expert_capacity_factor=cf, moe_token_drop_policy=policy)
+    if tied:
+        x, weight = _tied_inputs(experts, seed=topk * experts)
+    else:
+        x, weight = _inputs(experts)[0], _weights(config)["weight"]
+    router = _load(FoldRouter(config, pg_collection=pgs, drop_scope=scope), {"weight": weight})
+    dropless = _load(FoldRouter(_config(**routing), pg_collection=pgs), {"weight": weight})
+    probs, routing_map = router(x)
+    ref_probs, routed = dropless(x)
+    ref_probs = ref_probs.detach()
 
-def _non_finite(rank, world_size):
-    pgs = parallel_state.initialize_model_parallel(FoldedLayout(1))
-    try:
-        config = ref.make_moe_config(FoldedLayout(1), hidden_size=H)
-        x = torch.randn(S, B, H)
-        x[3, 1, 0] = float("nan")
-        x[5, 0, 2] = float("inf")
-        strict = FoldRouter(config, pg_collection=pgs)
-        strict.set_layer_number(7)
-        try:
-            strict(x)
-            message = None
-        except NonFiniteRouterScores as e:
-            message = str(e)
-        lenient = FoldRouter(config, pg_collection=pgs, check_finite=False)
-        probs, _ = lenient(x)
-        return message, bool(torch.isnan(probs).any())
-    finally:
-        parallel_state.destroy_model_parallel()
-
-
-def test_non_finite_scores_name_the_layer():
-    message, nan_passed_through = run_on_ranks(_non_finite, 1, timeout=60)[0]
-    assert "MoE layer 7: router scores are NaN or infinite for 2 of 36 tokens on this rank (2 on the ranks" in message
-    assert nan_passed_through  # check off: the NaN reaches the output instead of an error
-
-
-def _bad_construction(rank, world_size):
-    pgs = parallel_state.initialize_model_parallel(FoldedLayout(1))
-    try:
-        errors = []
-        for kwargs, overrides in [(dict(pg_collection=None), {}), (dict(pg_collection=pgs), dict(moe_router_fusion=True)),
-                                  (dict(pg_collection=pgs, drop_scope="document"), {})]:
-            try:
-                FoldRouter(ref.make_moe_config(FoldedLayout(1), hidden_size=H, **overrides), **kwargs)
-            except ValueError as e:
-                errors.append(str(e))
-        return errors
-    finally:
-        parallel_state.destroy_model_parallel()
+    key = ref_probs if policy == "probs" else torch.zeros_like(ref_probs)
+    if scope == "sequence":
+        expected = brute_force_keep(key, routed, S, B, math.ceil(S * topk / experts * cf))
+    else:  # all local rows compete as one "sequence", in row order s*B + b
+        expected = brute_force_keep(key, routed, S * B, 1, math.ceil(S * B * topk / experts * cf))
+    if tied and policy == "probs":
+        pairs = ref_probs[routed]
+        assert pairs.unique().numel() < pairs.numel(), "the tied input has no tie: the test would not test ties"
+    assert not torch.equal(expected, routed), "nothing dropped: the case would not test dropping"
+    assert torch.equal(routing_map, expected)
+    torch.testing.assert_close(probs, ref_probs * expected, rtol=0, atol=0)
+    # Metrics: closed form from the maps.
+    assert torch.equal(router.last_tokens_per_expert, expected.sum(dim=0))
+    assert torch.equal(router.last_tokens_per_expert_before_drop, routed.sum(dim=0))
+    assert router.last_dropped_fraction.item() == pytest.approx(1 - expected.sum().item() / routed.sum().item(), abs=1e-12)
+    assert torch.equal(dropless.last_tokens_per_expert, routed.sum(dim=0))
+    assert dropless.last_dropped_fraction.item() == 0.0
 
 
-def test_bad_construction_is_explained():
-    errors = run_on_ranks(_bad_construction, 1, timeout=60)[0]
-    assert "needs the folded ProcessGroupCollection" in errors[0]
-    assert "moe_router_fusion needs Transformer Engine" in errors[1]
-    assert "unknown drop scope 'document'; choose one of: subsequence, sequence" in errors[2]
+def test_position_policy_against_upstream(pgs, cuda):
+    """Upstream keeps as many tokens per expert as we do; which ones is up to torch.topk over a 0/1 map
+    (on CPU not the earliest), so only the counts and the kept-within-routed property are compared."""
+    config = _config(moe_expert_capacity_factor=0.5, moe_token_drop_policy="position")
+    weights = _weights(config)
+    x, r = _inputs(8)
+    with cuda.upstream():
+        upstream = _run(_load(TopKRouter(config, pg_collection=pgs), weights), x, r)
+    ours = _run(_load(FoldRouter(config, pg_collection=pgs), weights), x, r)
+    dropless = _run(_load(FoldRouter(_config(), pg_collection=pgs), weights), x, r)
+    assert not torch.equal(dropless["map"], ours["map"]), "nothing dropped: the comparison would be vacuous"
+    assert torch.equal(ours["map"].sum(dim=0), upstream["map"].sum(dim=0))
+    assert not (upstream["map"] & ~dropless["map"]).any() and not (ours["map"] & ~dropless["map"]).any()
+    torch.testing.assert_close(ours["probs"], dropless["probs"] * ours["map"], rtol=0, atol=0)
+
+
+# ---- checks ---------------------------------------------------------------------------------------------
+
+def test_non_finite_logits_name_the_layer(pgs, cuda):
+    config = _config()
+    x = _inputs(8)[0]
+    x[3, 1, 0] = float("nan")
+    x[5, 0, 2] = float("inf")
+    strict = _load(FoldRouter(config, pg_collection=pgs), _weights(config))
+    strict.set_layer_number(7)
+    with pytest.raises(NonFiniteRouterScores, match=r"MoE layer 7: router logits are NaN or infinite for 2 of 36 "
+                                                     r"tokens on this rank \(2 on the ranks"):
+        strict(x)
+    lenient = _load(FoldRouter(config, pg_collection=pgs, check_finite=False), _weights(config))
+    probs, _ = lenient(x)
+    bad_rows = torch.isnan(probs).any(dim=-1).view(S, B)
+    assert bad_rows[3, 1] and bad_rows[5, 0]  # the check is off: the NaN reaches the output
+    assert bad_rows.sum() == 2
+
+
+BAD = {
+    "no-groups": (dict(), dict(pg_collection=None), "needs the folded ProcessGroupCollection"),
+    "fusion": (dict(moe_router_fusion=True), {}, "moe_router_fusion=True needs Transformer Engine"),
+    "quantile": (dict(moe_router_load_balancing_type="quantile_balancing"), {}, "'quantile_balancing' is not supported"),
+    "force-balance": (dict(moe_router_force_load_balancing=True), {}, "moe_router_force_load_balancing draws random"),
+    "scope": (dict(), dict(drop_scope="document"), "unknown drop scope 'document'; choose one of: subsequence, sequence"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_construction_is_explained(pgs, cuda, case):
+    overrides, kwargs, message = BAD[case]
+    kwargs = {"pg_collection": pgs, **kwargs}
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        FoldRouter(_config(**overrides), **kwargs)
+
+
+def test_bad_input_shape_is_explained(pgs, cuda):
+    router = _load(FoldRouter(_config(), pg_collection=pgs), _weights(_config()))
+    with pytest.raises(ValueError, match=r"MoE layer 1: FoldRouter expects hidden states \[seq_local, batch, "
+                                         r"hidden=16\], got shape \(36, 16\)"):
+        router(torch.zeros(S * B, H))
