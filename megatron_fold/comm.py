@@ -3,6 +3,25 @@
 Every collective the router and the dispatcher issue goes through a `CommCounter`, so the MoE layer
 can report collectives and bytes per forward (and the benchmark can compare them with the minimum the
 routing requires).
+
+What gloo offers in torch 2.14 (probed on 4 ranks): `all_to_all_single` with uneven split sizes,
+`all_gather` / `all_gather_into_tensor` with EQUAL sizes only (uneven: "invalid tensor size"), list
+`all_to_all` with equal sizes only, and `reduce_scatter` (list form, uneven sizes accepted). So:
+- all_to_all_v is `all_to_all_single` with splits (gloo and nccl alike);
+- all_gather_v is `all_gather_into_tensor` when every rank contributes the same number of rows (the
+  drop-and-pad case) and otherwise an all-to-all in which each rank sends its rows to every peer;
+- reduce_scatter_v is an all-to-all of the blocks followed by a local sum over source ranks. Not the
+  native reduce-scatter, on purpose: the local sum runs in group-rank order with fp32 accumulation
+  (bitwise reproducible, independent of the backend's algorithm, and bf16 partial sums are never
+  rounded per hop, which is why Megatron upcasts to fp32 before its reduce-scatter: we get that
+  accuracy at bf16 bytes), and it can carry tensors of several dtypes at once. The bytes a rank sends
+  equal a ring reduce-scatter's: every row but its own block, once.
+
+Tensors of different dtypes (hidden states in bf16, routing probabilities in fp32) travel together:
+their rows are packed as raw bytes side by side, so one collective moves both without a lossy cast.
+Copies are kept to what the exchange needs: a single tensor is sent as it is; several are packed
+once (one copy) and come back as views into the receive buffer (no copy); tensors that already are
+the views of one packed buffer (the output of a previous collective) are sent without repacking.
 """
 
 from __future__ import annotations
@@ -40,68 +59,187 @@ class CommCounter:
         self.bytes_sent.clear()
 
 
-# ---- row exchange: the one primitive everything below is built from ---------------------------------
-#
-# gloo has an uneven all-to-all (all_to_all_single with split sizes) but no uneven all-gather and no
-# uneven reduce-scatter, so all three are built from it; on nccl the same calls run unchanged.
-# Tensors of different dtypes (hidden states in bf16, routing probabilities in fp32) travel together:
-# rows are packed as raw bytes, so one collective moves both without a lossy cast.
+# ---- packing: row-aligned tensors of any dtypes as one [rows, bytes] buffer -------------------------
 
-
-def _pack(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """[rows, ...] tensors of any dtypes -> [rows, total_bytes] uint8."""
-    rows = tensors[0].shape[0]
-    return torch.cat([t.reshape(rows, _row_bytes(t) // t.element_size()).contiguous().view(torch.uint8)
-                      for t in tensors], dim=1)
-
-
-def _unpack(buf: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
-    out, col = [], 0
-    for t in like:
-        width = _row_bytes(t)
-        chunk = buf[:, col:col + width].contiguous().view(t.dtype)
-        out.append(chunk.reshape(buf.shape[0], *t.shape[1:]))
-        col += width
-    return out
-
-
-def _row_bytes(t: torch.Tensor) -> int:
+def _row_elems(t: torch.Tensor) -> int:
     n = 1
     for d in t.shape[1:]:
         n *= d
-    return n * t.element_size()
+    return n
 
+
+def _columns(tensors: list[torch.Tensor]) -> tuple[int, list[int]]:
+    """(row width in bytes, byte offset of each tensor's columns).
+
+    Each tensor starts at a multiple of its element size and the width is a multiple of the largest
+    one, so every column block can be viewed in its own dtype in place (no copy on unpacking).
+    """
+    offsets, col, align = [], 0, 1
+    for t in tensors:
+        es = t.element_size()
+        col = -(-col // es) * es
+        offsets.append(col)
+        col += _row_elems(t) * es
+        align = max(align, es)
+    return -(-col // align) * align, offsets
+
+
+def _inner_contiguous(t: torch.Tensor) -> bool:
+    expected = 1
+    for d in range(t.dim() - 1, 0, -1):
+        if t.shape[d] != 1 and t.stride(d) != expected:
+            return False
+        expected *= t.shape[d]
+    return True
+
+
+def _packed_base(tensors: list[torch.Tensor], width: int, offsets: list[int]) -> torch.Tensor | None:
+    """The [rows, width] byte buffer `tensors` already lie in with exactly our packing, if they do.
+
+    Decided from memory layout alone (same storage, each tensor at its column offset, rows `width`
+    bytes apart), so a buffer found here holds exactly the bytes packing would write.
+    """
+    rows, first = tensors[0].shape[0], tensors[0]
+    if rows == 0:
+        return None
+    storage = first.untyped_storage()
+    base = first.storage_offset() * first.element_size() - offsets[0]
+    for t, off in zip(tensors, offsets):
+        es = t.element_size()
+        if (t.untyped_storage().data_ptr() != storage.data_ptr() or t.storage_offset() * es != base + off
+                or (rows > 1 and t.stride(0) * es != width) or not _inner_contiguous(t)):
+            return None
+    if base < 0 or base + rows * width > storage.nbytes():
+        return None
+    return torch.empty(0, dtype=torch.uint8, device=first.device).set_(storage, base, (rows, width), (width, 1))
+
+
+def _pack(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """[rows, ...] tensors -> one [rows, cols] buffer (the tensor itself when there is one)."""
+    rows = tensors[0].shape[0]
+    if len(tensors) == 1:
+        return tensors[0].reshape(rows, _row_elems(tensors[0])).contiguous()  # no copy when contiguous
+    width, offsets = _columns(tensors)
+    reused = _packed_base(tensors, width, offsets)
+    if reused is not None:
+        return reused
+    buf = torch.empty((rows, width), dtype=torch.uint8, device=tensors[0].device)
+    for t, view in zip(tensors, _views(buf, tensors, width, offsets)):
+        view.copy_(t)
+    if width > offsets[-1] + _row_elems(tensors[-1]) * tensors[-1].element_size():
+        buf[:, offsets[-1] + _row_elems(tensors[-1]) * tensors[-1].element_size():] = 0  # alignment bytes
+    return buf
+
+
+def _views(buf: torch.Tensor, like: list[torch.Tensor], width: int, offsets: list[int]) -> list[torch.Tensor]:
+    rows = buf.shape[0]
+    out = []
+    for t, off in zip(like, offsets):
+        nbytes = _row_elems(t) * t.element_size()
+        out.append(buf[:, off:off + nbytes].view(t.dtype).view(rows, *t.shape[1:]))
+    return out
+
+
+def _unpack(buf: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Inverse of _pack for a buffer with any row count: views into `buf`, no copy."""
+    if len(like) == 1:
+        return [buf.view(buf.shape[0], *like[0].shape[1:])]
+    width, offsets = _columns(like)
+    return _views(buf, like, width, offsets)
+
+
+def _check_rows(tensors: list[torch.Tensor]) -> int:
+    rows = tensors[0].shape[0]
+    for t in tensors[1:]:
+        if t.shape[0] != rows or t.device != tensors[0].device:
+            raise ValueError(f"tensors sent together must share rows and device, got "
+                             f"{[(tuple(x.shape), str(x.device)) for x in tensors]}")
+    return rows
+
+
+def _check_sizes(name: str, sizes: list[int], group_size: int) -> None:
+    if len(sizes) != group_size:
+        raise ValueError(f"{name} must have one entry per rank of the group ({group_size}), got {len(sizes)}: {sizes}")
+    if any(s < 0 for s in sizes):
+        raise ValueError(f"{name} must be non-negative, got {sizes}")
+
+
+# ---- collectives on lists of row-aligned tensors (not autograd-aware) --------------------------------
 
 def exchange_rows(tensors: list[torch.Tensor], send_splits: list[int], recv_splits: list[int], group,
                   counter: CommCounter | None = None, kind: str = "all_to_all_v") -> list[torch.Tensor]:
     """Send rows send_splits[i] (in order) to group rank i; receive recv_splits[j] rows from rank j.
 
-    All `tensors` share their row count and move in ONE collective. Not autograd-aware (see below).
+    All `tensors` share their row count and move in ONE collective. Returns views into the receive
+    buffer.
     """
     size = dist.get_world_size(group)
-    if len(send_splits) != size or len(recv_splits) != size:
-        raise ValueError(f"split lists must have one entry per rank of the group ({size}), got "
-                         f"{len(send_splits)} send and {len(recv_splits)} receive entries")
-    rows = tensors[0].shape[0]
+    _check_sizes("send splits", send_splits, size)
+    _check_sizes("receive splits", recv_splits, size)
+    rows = _check_rows(tensors)
     if sum(send_splits) != rows:
         raise ValueError(f"send splits {send_splits} sum to {sum(send_splits)} but {rows} rows were given")
     if size == 1:
-        return [t for t in tensors]
+        if recv_splits != send_splits:
+            raise ValueError(f"a group of one rank receives what it sends: splits {send_splits} vs {recv_splits}")
+        return list(tensors)
     send = _pack(tensors)
-    recv = send.new_empty((sum(recv_splits), send.shape[1]))
-    dist.all_to_all_single(recv, send, recv_splits, send_splits, group=group)
+    recv = send.new_empty((sum(recv_splits), *send.shape[1:]))
+    dist.all_to_all_single(recv, send, list(recv_splits), list(send_splits), group=group)
     if counter is not None:
         me = dist.get_rank(group)
-        counter.record(kind, (rows - send_splits[me]) * send.shape[1])
+        counter.record(kind, (rows - send_splits[me]) * send[:1].numel() * send.element_size())
     return _unpack(recv, tensors)
 
 
-def _sum_chunks(tensors: list[torch.Tensor], sizes: list[int], n: int) -> list[torch.Tensor]:
-    """Rows arrive as [source rank][n rows]; sum over sources in rank order (bitwise reproducible)."""
-    return [t.reshape(len(sizes), n, *t.shape[1:]).sum(dim=0) if len(sizes) > 1 else t for t in tensors]
+def all_gather_rows(tensors: list[torch.Tensor], sizes: list[int], group, counter: CommCounter | None = None,
+                    kind: str = "all_gather_v") -> list[torch.Tensor]:
+    """Every rank's rows, concatenated in group-rank order; rank i contributes sizes[i] rows."""
+    size = dist.get_world_size(group)
+    _check_sizes("sizes", sizes, size)
+    rows = _check_rows(tensors)
+    me = dist.get_rank(group)
+    if rows != sizes[me]:
+        raise ValueError(f"group rank {me} holds {rows} rows but sizes {sizes} say {sizes[me]}")
+    if size == 1:
+        return list(tensors)
+    send = _pack(tensors)
+    if all(s == rows for s in sizes):  # even: the native all-gather (no replicated send buffer)
+        recv = send.new_empty((rows * size, *send.shape[1:]))
+        dist.all_gather_into_tensor(recv, send, group=group)
+        if counter is not None:
+            counter.record(kind, (size - 1) * send.numel() * send.element_size())
+        return _unpack(recv, tensors)
+    # Uneven: gloo has no all-gather-v; an all-to-all in which our rows go to every rank.
+    return _unpack(exchange_rows([send.repeat(size, *([1] * (send.dim() - 1)))], [rows] * size, list(sizes),
+                                 group, counter, kind)[0], tensors)
 
+
+def reduce_scatter_rows(tensors: list[torch.Tensor], sizes: list[int], group, counter: CommCounter | None = None,
+                        kind: str = "reduce_scatter_v") -> list[torch.Tensor]:
+    """Sum [sum(sizes), ...] over the group; rank i keeps its sizes[i] rows of the sum."""
+    size = dist.get_world_size(group)
+    _check_sizes("sizes", sizes, size)
+    rows = _check_rows(tensors)
+    if rows != sum(sizes):
+        raise ValueError(f"reduce-scatter input has {rows} rows but sizes {sizes} sum to {sum(sizes)}")
+    if size == 1:
+        return list(tensors)
+    n = sizes[dist.get_rank(group)]
+    received = exchange_rows(tensors, list(sizes), [n] * size, group, counter, kind)  # [source rank][n rows]
+    out = []
+    for t in received:
+        blocks = t.view(size, n, *t.shape[1:])
+        acc = torch.float32 if t.dtype in (torch.bfloat16, torch.float16) else t.dtype
+        out.append(blocks.sum(dim=0, dtype=acc).to(t.dtype))
+    return out
+
+
+# ---- autograd-aware wrappers -------------------------------------------------------------------------
 
 class _AllToAllV(torch.autograd.Function):
+    """Uneven all-to-all; its backward is the reverse all-to-all (splits swapped)."""
+
     @staticmethod
     def forward(ctx, send_splits, recv_splits, group, counter, *tensors):
         ctx.splits, ctx.group, ctx.counter = (send_splits, recv_splits), group, counter
@@ -110,8 +248,7 @@ class _AllToAllV(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         send, recv = ctx.splits
-        grads = [g.contiguous() for g in grads]
-        out = exchange_rows(grads, recv, send, ctx.group, ctx.counter, "all_to_all_v.backward")
+        out = exchange_rows(list(grads), recv, send, ctx.group, ctx.counter, "all_to_all_v.backward")
         return (None, None, None, None, *out)
 
 
@@ -125,52 +262,49 @@ class _DualCollective(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        grads = [g.contiguous() for g in grads]
-        out = ctx.backward_fn(grads, ctx.sizes, ctx.group, ctx.counter, f"{ctx.kind}.backward")
+        out = ctx.backward_fn(list(grads), ctx.sizes, ctx.group, ctx.counter, f"{ctx.kind}.backward")
         return (None, None, None, None, None, None, *out)
 
 
-def all_gather_rows(tensors, sizes, group, counter=None, kind="all_gather_v"):
-    """Not autograd-aware: every rank's rows, concatenated in group-rank order."""
-    size = dist.get_world_size(group)
-    if size == 1:
-        return list(tensors)
-    me = dist.get_rank(group)
-    if tensors[0].shape[0] != sizes[me]:
-        raise ValueError(f"rank {me} holds {tensors[0].shape[0]} rows but sizes say {sizes[me]}")
-    # Every rank receives our rows: send them once per destination.
-    repeated = [t.repeat(size, *([1] * (t.dim() - 1))) for t in tensors]
-    return exchange_rows(repeated, [sizes[me]] * size, list(sizes), group, counter, kind)
-
-
-def reduce_scatter_rows(tensors, sizes, group, counter=None, kind="reduce_scatter_v"):
-    """Not autograd-aware: sum over ranks, rank i keeps rows of block i (sizes[i] rows)."""
-    size = dist.get_world_size(group)
-    if size == 1:
-        return list(tensors)
-    me = dist.get_rank(group)
-    received = exchange_rows(tensors, list(sizes), [sizes[me]] * size, group, counter, kind)
-    return _sum_chunks(received, [sizes[me]] * size, sizes[me])
-
-
-def all_to_all_v(tensors, send_splits: list[int], recv_splits: list[int], group, counter=None):
-    """Autograd-aware uneven all-to-all of one tensor or a list of row-aligned tensors (one collective)."""
+def _as_list(tensors) -> tuple[bool, list[torch.Tensor]]:
     single = isinstance(tensors, torch.Tensor)
-    out = _AllToAllV.apply(list(send_splits), list(recv_splits), group, counter, *([tensors] if single else tensors))
+    tensors = [tensors] if single else list(tensors)
+    if not tensors:
+        raise ValueError("no tensor to communicate")
+    return single, tensors
+
+
+def all_to_all_v(tensors, send_splits: list[int], recv_splits: list[int], group, counter: CommCounter | None = None):
+    """Autograd-aware uneven all-to-all of a [N, ...] tensor, or of a list of row-aligned tensors in
+    ONE collective. A group of one rank returns the input unchanged and communicates nothing."""
+    single, tensors = _as_list(tensors)
+    if dist.get_world_size(group) == 1:
+        exchange_rows(tensors, list(send_splits), list(recv_splits), group)  # validates only
+        out = tensors
+    else:
+        out = _AllToAllV.apply(list(send_splits), list(recv_splits), group, counter, *tensors)
     return out[0] if single else list(out)
 
 
-def all_gather_v(tensors, sizes: list[int], group, counter=None):
-    """Concatenate every rank's rows in group-rank order; rank i contributes sizes[i] rows."""
-    single = isinstance(tensors, torch.Tensor)
-    out = _DualCollective.apply(all_gather_rows, reduce_scatter_rows, "all_gather_v", list(sizes), group, counter,
-                                *([tensors] if single else tensors))
+def all_gather_v(tensors, sizes: list[int], group, counter: CommCounter | None = None):
+    """Concatenate every rank's rows in group-rank order; rank i contributes sizes[i] rows.
+    Backward: reduce_scatter_v of the gradient."""
+    single, tensors = _as_list(tensors)
+    if dist.get_world_size(group) == 1:
+        out = all_gather_rows(tensors, list(sizes), group)
+    else:
+        out = _DualCollective.apply(all_gather_rows, reduce_scatter_rows, "all_gather_v", list(sizes), group,
+                                    counter, *tensors)
     return out[0] if single else list(out)
 
 
-def reduce_scatter_v(tensors, sizes: list[int], group, counter=None):
-    """Sum [sum(sizes), ...] over the group; rank i keeps its sizes[i] rows of the sum."""
-    single = isinstance(tensors, torch.Tensor)
-    out = _DualCollective.apply(reduce_scatter_rows, all_gather_rows, "reduce_scatter_v", list(sizes), group, counter,
-                                *([tensors] if single else tensors))
+def reduce_scatter_v(tensors, sizes: list[int], group, counter: CommCounter | None = None):
+    """Sum [sum(sizes), ...] over the group; rank i keeps its sizes[i] rows of the sum.
+    Backward: all_gather_v of the gradient."""
+    single, tensors = _as_list(tensors)
+    if dist.get_world_size(group) == 1:
+        out = reduce_scatter_rows(tensors, list(sizes), group)
+    else:
+        out = _DualCollective.apply(reduce_scatter_rows, all_gather_rows, "reduce_scatter_v", list(sizes), group,
+                                    counter, *tensors)
     return out[0] if single else list(out)

@@ -2,17 +2,26 @@
 
 Dispatch: permute local tokens by expert -> all-to-all-v over EP -> all-gather-v over ETP -> group rows
 by local expert. Combine is the exact reverse, with a reduce-scatter-v over ETP (each ETP rank holds
-a partial sum of the row-parallel fc2 output). The routing probabilities travel inside the same
-collectives as the hidden states (rows are packed as bytes, see comm.py), so they cost no collective.
+a partial sum of the row-parallel fc2 output). As in Megatron-Core 0.19, the experts apply the routing
+probabilities themselves (SequentialMLP/MLP scale the activation by `permuted_probs`), so the combine
+only sums each token's expert outputs. The probabilities travel inside the hidden-state collectives
+(rows packed as bytes, see comm.py): they cost no collective of their own.
 
-Collectives per forward (the backward mirrors them), with EP = P and ETP = T:
-- dropless / dropping: 1 all-gather of per-expert counts over ETP x EP (sizes must be known on the
-  host: one synchronisation), 1 all-to-all-v over EP, and with T > 1 one all-gather-v over ETP;
-  the combine: (T > 1) 1 reduce-scatter-v over ETP and 1 all-to-all-v over EP.
-- drop-and-pad: the same without the count exchange; every (rank, expert) block has the static size
-  `capacity.padded_tokens_per_expert(...)`, so no host synchronisation happens at all.
+Collectives, with EP = P and ETP = T (a group of one rank is skipped and costs nothing):
+                        forward                               backward
+  dropless / dropping   1 all-to-all of counts over ETP x EP  -
+                        1 all-to-all-v over EP, 1 all-gather-v over ETP (dispatch)
+                        1 reduce-scatter-v over ETP, 1 all-to-all-v over EP (combine)
+                                                              the same four, mirrored
+  drop-and-pad          the same without the count exchange   the same four
+The count exchange is the only host synchronisation (split sizes must be known on the host before an
+uneven all-to-all): each rank sends every rank of its ETP x EP group the counts for that rank's
+experts (L integers), and one device-to-host copy reads them with this rank's own counts. Drop-and-pad
+needs neither: every (rank, expert) block has the static size `capacity.padded_tokens_per_expert`.
 
-Nothing here touches CUDA: buffers come from the input's device; collectives run on gloo and nccl.
+Summation is deterministic everywhere (no atomics): a token's expert outputs are placed in a
+[tokens, topk] grid and summed in expert order, and the input gradient of the permutation is summed
+the same way. Nothing here touches CUDA: buffers come from the input's device.
 """
 
 from __future__ import annotations
@@ -22,145 +31,252 @@ import torch.distributed as dist
 from megatron.core.transformer.moe.token_dispatcher import MoETokenDispatcher
 
 from megatron_fold.capacity import DropScope, padded_tokens_per_expert
-from megatron_fold.comm import CommCounter, all_gather_v, all_to_all_v, reduce_scatter_v
+from megatron_fold.comm import CommCounter, all_gather_v, all_to_all_v, exchange_rows, reduce_scatter_v
 
 __all__ = ["FlexFoldDispatcher"]
 
+# Padding rows carry probability -0.0: routers produce probabilities >= +0.0, so the sign bit tells a
+# receiver which rows are padding (for its token counts) without exchanging counts.
+_PAD_PROB = -0.0
+
+
+class _TokenRows(torch.autograd.Function):
+    """Tokens [N, H] <-> expert rows [M, H]; each direction is the other's backward.
+
+    Row r belongs to token dest[r] // K, in the slot dest[r] % K of that token's (at most K) experts;
+    dest[r] = N*K marks a padding row (zero input, output discarded). Gathering copies token rows;
+    scattering places rows in a zeroed [N*K, H] grid and sums each token's K slots in order, which is
+    deterministic on every device (an index_add over tokens would use atomics on GPUs).
+    """
+
+    @staticmethod
+    def forward(ctx, to_rows: bool, t: torch.Tensor, dest: torch.Tensor, num_tokens: int, k: int, padded: bool):
+        ctx.save_for_backward(dest)
+        ctx.to_rows, ctx.num_tokens, ctx.k, ctx.padded = to_rows, num_tokens, k, padded
+        return _gather(t, dest, k, padded) if to_rows else _scatter(t, dest, num_tokens, k)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (dest,) = ctx.saved_tensors
+        if ctx.to_rows:
+            g = _scatter(grad, dest, ctx.num_tokens, ctx.k)
+        else:
+            g = _gather(grad, dest, ctx.k, ctx.padded)
+        return None, g, None, None, None, None
+
+
+def _gather(x: torch.Tensor, dest: torch.Tensor, k: int, padded: bool) -> torch.Tensor:
+    """[N, H] -> [M, H]: row r is x[dest[r] // K], zeros for padding rows."""
+    if padded:
+        x = torch.cat([x, x.new_zeros((1, *x.shape[1:]))])  # index N: the zero row
+    return x.index_select(0, torch.div(dest, k, rounding_mode="floor"))
+
+
+def _scatter(rows: torch.Tensor, dest: torch.Tensor, num_tokens: int, k: int) -> torch.Tensor:
+    """[M, H] -> [N, H]: each token's rows summed in slot order (fp32 accumulation for 16-bit types)."""
+    grid = rows.new_zeros((num_tokens * k + 1, *rows.shape[1:]))  # last row: padding rows land here
+    grid.index_copy_(0, dest, rows.contiguous())
+    acc = torch.float32 if rows.dtype in (torch.bfloat16, torch.float16) else rows.dtype
+    return grid[:-1].view(num_tokens, k, *rows.shape[1:]).sum(dim=1, dtype=acc).to(rows.dtype)
+
 
 class FlexFoldDispatcher(MoETokenDispatcher):
+    """Megatron's token-dispatcher interface on folded groups (pg_collection.ep / expt_tp / tp_ep).
+
+    After a dispatch, `last_tokens_per_local_expert` [L] holds the rows each local expert received,
+    padding excluded (a CPU tensor; with drop-and-pad a tensor on the input's device, so that reading
+    it stays the caller's choice of synchronisation). `comm_counter` accumulates every collective of
+    forward and backward until reset.
+    """
+
     def __init__(self, num_local_experts: int, local_expert_indices: list[int], config, pg_collection,
                  *, drop_scope: DropScope | str = DropScope.SUBSEQUENCE):
         if pg_collection is None:
             raise ValueError("FlexFoldDispatcher needs the folded ProcessGroupCollection; it never uses globals")
         super().__init__(config=config, pg_collection=pg_collection)
-        self.num_local_experts = num_local_experts
-        self.local_expert_indices = list(local_expert_indices)
         self.num_experts = config.num_moe_experts
         self.topk = config.moe_router_topk
+        self.num_local_experts = num_local_experts
+        self.local_expert_indices = list(local_expert_indices)
+        if self.num_experts is None or self.num_experts % self.ep_size:
+            raise ValueError(f"num_moe_experts {self.num_experts} must be divisible by EP {self.ep_size}")
+        L = self.num_experts // self.ep_size
+        expected = list(range(self.ep_rank * L, (self.ep_rank + 1) * L))
+        if num_local_experts != L or self.local_expert_indices != expected:
+            raise ValueError(
+                f"EP rank {self.ep_rank} of {self.ep_size} holds experts {expected[0]}..{expected[-1]} "
+                f"({L} of {self.num_experts}); got num_local_experts={num_local_experts}, "
+                f"local_expert_indices={self.local_expert_indices}")
+        if getattr(config, "moe_router_padding_for_quantization", False):
+            raise ValueError("moe_router_padding_for_quantization is not supported by FlexFoldDispatcher "
+                             "(it pads the routing map for FP8/FP4 grouped GEMMs); set it to False")
         self.drop_scope = DropScope.parse(drop_scope)
         self.pad = bool(config.moe_pad_expert_input_to_capacity)
         if self.pad and config.moe_expert_capacity_factor is None:
-            raise ValueError("moe_pad_expert_input_to_capacity needs moe_expert_capacity_factor (the capacity to pad to)")
-        if self.num_experts % self.ep_size:
-            raise ValueError(f"num_moe_experts {self.num_experts} is not divisible by EP {self.ep_size}")
+            raise ValueError("moe_pad_expert_input_to_capacity needs moe_expert_capacity_factor (the capacity to "
+                             "pad to); set a capacity factor or turn padding off")
         self.attn_tp_size = dist.get_world_size(pg_collection.tp)
         self.cp_size = dist.get_world_size(pg_collection.cp)
+        self._check_tp_ep_order(pg_collection)
         self.comm_counter = CommCounter()
         self.last_tokens_per_local_expert: torch.Tensor | None = None
 
+    def _check_tp_ep_order(self, pgs) -> None:
+        """The count exchange addresses ETP x EP rank (t, p) as group rank t + T*p (ETP fastest, as
+        Megatron's expert rank generator orders it and its alltoall dispatcher assumes)."""
+        T = self.tp_size
+        order = dist.get_process_group_ranks(self.tp_ep_group)
+        where = {g: i for i, g in enumerate(order)}
+        wrong = [(g, where.get(g), self.tp_rank + T * p) for p, g in enumerate(dist.get_process_group_ranks(self.ep_group))
+                 if where.get(g) != self.tp_rank + T * p]
+        wrong += [(g, where.get(g), t + T * self.ep_rank) for t, g in enumerate(dist.get_process_group_ranks(self.tp_group))
+                  if where.get(g) != t + T * self.ep_rank]
+        if len(order) != T * self.ep_size or wrong:
+            raise ValueError(
+                f"pg_collection.tp_ep {order} is not the ETP x EP grid with ETP varying fastest "
+                f"(ETP {T}, EP {self.ep_size}); (global rank, position, expected): {wrong}")
+
     # ---- dispatch -----------------------------------------------------------------------------------
     def dispatch_preprocess(self, hidden_states: torch.Tensor, routing_map: torch.Tensor, probs: torch.Tensor):
-        """Local permutation: rows ordered by global expert id (so grouped by destination EP rank)."""
+        """Local permutation: one row per routed (token, expert) pair, ordered by expert (hence by
+        destination EP rank), tokens in order inside an expert. Returns ([M, H], [M])."""
+        E, K = self.num_experts, self.topk
         self.hidden_shape = hidden_states.shape  # [S_local, B, H]
         hidden = hidden_states.reshape(-1, hidden_states.shape[-1])  # [N, H]
-        num_tokens = hidden.shape[0]
-        if routing_map.shape != (num_tokens, self.num_experts):
-            raise ValueError(f"routing_map has shape {tuple(routing_map.shape)}, expected ({num_tokens}, {self.num_experts})")
-        # A zero row and zero probabilities at index N serve as padding.
-        hidden_ext = torch.cat([hidden, hidden.new_zeros(1, hidden.shape[1])])
-        probs_ext = torch.cat([probs, probs.new_zeros(1, probs.shape[1])])
-        if self.pad:
-            self.capacity = padded_tokens_per_expert(
-                self.drop_scope, local_seq_len=self.hidden_shape[0], local_batch=self.hidden_shape[1],
-                seq_len=self.hidden_shape[0] * self.cp_size * (self.attn_tp_size if self.config.sequence_parallel else 1),
-                topk=self.topk, num_experts=self.num_experts, capacity_factor=self.config.moe_expert_capacity_factor)
-            source, expert_of_row = self._padded_layout(routing_map, num_tokens)
-            counts = [self.capacity] * self.num_experts
-        else:
-            expert_of_row, source = routing_map.t().nonzero(as_tuple=True)  # expert-major, token order inside
-            counts = routing_map.sum(dim=0).tolist()  # host sync: split sizes must be known
-        self._source = source  # [M] token index (N = padding) of every permuted row
-        self._num_tokens = num_tokens
-        self._counts = counts
-        return hidden_ext.index_select(0, source), probs_ext[source, expert_of_row]
+        N = hidden.shape[0]
+        if routing_map.shape != (N, E) or routing_map.dtype != torch.bool:
+            raise ValueError(f"routing_map must be a bool tensor [tokens, experts] = [{N}, {E}], got "
+                             f"{routing_map.dtype} {list(routing_map.shape)}")
+        if probs.shape != (N, E):
+            raise ValueError(f"probs must be [tokens, experts] = [{N}, {E}], got {list(probs.shape)}")
+        self._num_tokens = N
+        pair = self._padded_pairs(routing_map) if self.pad else self._dropless_pairs(routing_map)  # [M]
+        # Where each row lands in the combine's [N, K] grid: its token, and its rank among the token's
+        # experts (ascending expert id). Pair N*E is padding (grid index N*K).
+        slot = routing_map.cumsum(dim=1) - 1  # [N, E]
+        grid = torch.arange(N, device=slot.device).unsqueeze(1) * K + slot
+        self._dest = torch.cat([grid.reshape(-1), grid.new_full((1,), N * K)]).index_select(0, pair)  # [M]
+        probs_ext = torch.cat([probs.reshape(-1), probs.new_full((1,), _PAD_PROB)])
+        permuted_probs = probs_ext.index_select(0, pair)  # [M]
+        permuted = _TokenRows.apply(True, hidden, self._dest, N, K, self.pad)  # [M, H]
+        return permuted, permuted_probs
 
-    def _padded_layout(self, routing_map: torch.Tensor, num_tokens: int):
-        """Static-shape permutation: expert e owns rows [e*C, (e+1)*C); free rows point at padding."""
-        cap, num_experts = self.capacity, self.num_experts
-        position = routing_map.long().cumsum(dim=0) - 1  # [N, E] rank of each token inside its expert
-        if routing_map.device.type == "cpu":  # a check that would cost a GPU synchronisation
-            worst = int(routing_map.sum(dim=0).max()) if num_tokens else 0
-            if worst > cap:
-                raise ValueError(f"an expert received {worst} tokens but drop-and-pad blocks hold {cap}; "
-                                 "the router must drop to capacity before padding")
+    def _dropless_pairs(self, routing_map: torch.Tensor) -> torch.Tensor:
+        """Flat (token*E + expert) index of every routed pair, expert-major; sets the split sizes."""
+        E, P, L, T = self.num_experts, self.ep_size, self.num_local_experts, self.tp_size
+        N = routing_map.shape[0]
+        counts = routing_map.sum(dim=0)  # [E] int64
+        per_token = routing_map.sum(dim=1).amax().reshape(1) if N else counts.new_zeros(1)
+        received = self._exchange_counts(counts)  # [T, P, L]: rows (t, s) sends to each of my experts
+        host = torch.cat([counts, received.reshape(-1), per_token]).tolist()  # the one host synchronisation
+        own, received, per_token = host[:E], host[E:E + T * P * L], host[-1]
+        if per_token > self.topk:
+            raise ValueError(f"a token is routed to {per_token} experts but moe_router_topk is {self.topk}")
+        self._set_splits(own, [[received[(t * P + s) * L:(t * P + s + 1) * L] for s in range(P)] for t in range(T)])
+        expert_major = routing_map.t().reshape(-1)  # [E*N]
+        index = torch.nonzero_static(expert_major, size=sum(own)).squeeze(1)  # no second synchronisation
+        expert, token = torch.div(index, N, rounding_mode="floor"), index % N
+        return token * E + expert
+
+    def _exchange_counts(self, counts: torch.Tensor) -> torch.Tensor:
+        """One all-to-all over ETP x EP: rank (t, p) receives, from every (t', s), the L counts of
+        the tokens (t', s) routes to p's experts. -> [T, P, L] on the counts' device."""
+        P, L, T = self.ep_size, self.num_local_experts, self.tp_size
+        if T * P == 1:
+            return counts.view(1, 1, L)
+        send = counts.view(P, 1, L).expand(P, T, L).reshape(P * T, L)  # row t + T*p -> tp_ep rank t + T*p
+        (recv,) = exchange_rows([send], [1] * (T * P), [1] * (T * P), self.tp_ep_group, self.comm_counter,
+                                "all_to_all_counts")
+        return recv.view(P, T, L).transpose(0, 1)
+
+    def _padded_pairs(self, routing_map: torch.Tensor) -> torch.Tensor:
+        """Static layout: expert e owns rows [e*C, (e+1)*C); free rows point at padding (pair N*E)."""
+        N, E, C = routing_map.shape[0], self.num_experts, self._capacity()
+        counts = routing_map.sum(dim=0)
+        per_token = routing_map.sum(dim=1)
+        if routing_map.device.type == "cpu":  # on an accelerator this check would synchronise the host
+            worst, widest = (int(counts.max()), int(per_token.max())) if N else (0, 0)
+            if worst > C:
+                raise ValueError(
+                    f"expert {int(counts.argmax())} received {worst} tokens on this rank but drop-and-pad "
+                    f"blocks hold {C} (drop scope {self.drop_scope.value}, capacity factor "
+                    f"{self.config.moe_expert_capacity_factor}); the router must drop to capacity first")
+            if widest > self.topk:
+                raise ValueError(f"a token is routed to {widest} experts but moe_router_topk is {self.topk}")
         else:
-            torch._assert_async((routing_map.sum(dim=0) <= cap).all(), "an expert exceeds its padded capacity")
-        dest = torch.where(routing_map, torch.arange(num_experts, device=routing_map.device) * cap + position,
-                           num_experts * cap)  # unrouted pairs write to a scratch slot
-        source = torch.full((num_experts * cap + 1,), num_tokens, dtype=torch.long, device=routing_map.device)
-        tokens = torch.arange(num_tokens, device=routing_map.device).unsqueeze(1).expand_as(dest)
-        source.scatter_(0, dest.reshape(-1), tokens.reshape(-1))
-        source = source[:-1]
-        expert_of_row = torch.arange(num_experts, device=routing_map.device).repeat_interleave(cap)
-        return source, expert_of_row
+            torch._assert_async((counts <= C).all(), "FlexFoldDispatcher: an expert exceeds its padded capacity")
+            torch._assert_async((per_token <= self.topk).all(), "FlexFoldDispatcher: a token exceeds moe_router_topk")
+        position = routing_map.cumsum(dim=0) - 1  # [N, E] rank of each token inside its expert
+        experts = torch.arange(E, device=routing_map.device)
+        row = torch.where(routing_map, experts * C + position, E * C)  # unrouted pairs -> scratch row E*C
+        pair = torch.full((E * C + 1,), N * E, dtype=torch.long, device=routing_map.device)
+        pair.scatter_(0, row.reshape(-1), torch.arange(N * E, device=routing_map.device))
+        L, P, T = self.num_local_experts, self.ep_size, self.tp_size
+        self._set_splits([C] * E, [[[C] * L for _ in range(P)] for _ in range(T)])
+        return pair[:-1]
+
+    def _capacity(self) -> int:
+        S, B = self.hidden_shape[0], self.hidden_shape[1]
+        seq_len = S * self.cp_size * (self.attn_tp_size if self.config.sequence_parallel else 1)
+        return padded_tokens_per_expert(self.drop_scope, local_seq_len=S, seq_len=seq_len, local_batch=B,
+                                        topk=self.topk, num_experts=self.num_experts,
+                                        capacity_factor=self.config.moe_expert_capacity_factor)
+
+    def _set_splits(self, own: list[int], blocks: list[list[list[int]]]) -> None:
+        """own[e]: rows this rank sends to expert e; blocks[t][s][l]: rows for local expert l that
+        EP source s sends ETP peer t (this rank is t = tp_rank)."""
+        P, T, L = self.ep_size, self.tp_size, self.num_local_experts
+        self._blocks = blocks
+        self._send = [sum(own[p * L:(p + 1) * L]) for p in range(P)]  # EP all-to-all
+        self._recv = [sum(blocks[self.tp_rank][s]) for s in range(P)]
+        self._etp_sizes = [sum(sum(blocks[t][s]) for s in range(P)) for t in range(T)]  # ETP all-gather
 
     def token_dispatch(self, hidden: torch.Tensor, probs: torch.Tensor):
-        P, T, L = self.ep_size, self.tp_size, self.num_local_experts
-        if self.pad:
-            blocks = [[[self.capacity] * L for _ in range(P)] for _ in range(T)]
-        else:
-            blocks = self._exchange_counts()
-        me_t = self.tp_rank
-        self._blocks = blocks  # blocks[t][s][l]: rows from EP source s via ETP peer t for local expert l
-        self._send = [sum(self._counts[r * L:(r + 1) * L]) for r in range(P)]
-        self._recv = [sum(blocks[me_t][s]) for s in range(P)]
-        self._etp_sizes = [sum(sum(blocks[t][s]) for s in range(P)) for t in range(T)]
         hidden, probs = all_to_all_v([hidden, probs], self._send, self._recv, self.ep_group, self.comm_counter)
-        if T > 1:
-            hidden, probs = all_gather_v([hidden, probs], self._etp_sizes, self.tp_group, self.comm_counter)
-        return hidden, probs
-
-    def _exchange_counts(self) -> list[list[list[int]]]:
-        """One all-gather over ETP x EP of (etp rank, ep rank, per-expert counts) gives every split size."""
-        P, T, L = self.ep_size, self.tp_size, self.num_local_experts
-        mine = torch.tensor([self.tp_rank, self.ep_rank, *self._counts], dtype=torch.long, device=self._source.device)
-        group_size = dist.get_world_size(self.tp_ep_group)
-        if group_size == 1:
-            rows = [mine]
-        else:
-            rows = [torch.empty_like(mine) for _ in range(group_size)]
-            dist.all_gather(rows, mine, group=self.tp_ep_group)
-            self.comm_counter.record("all_gather_counts", mine.numel() * mine.element_size() * (group_size - 1))
-        blocks = [[None] * P for _ in range(T)]
-        first = self.ep_rank * L
-        for row in torch.stack(rows).tolist():
-            t, s, counts = row[0], row[1], row[2:]
-            blocks[t][s] = counts[first:first + L]
-        return blocks
+        return tuple(all_gather_v([hidden, probs], self._etp_sizes, self.tp_group, self.comm_counter))
 
     def dispatch_postprocess(self, hidden: torch.Tensor, probs: torch.Tensor):
-        """Rows arrive as [ETP peer][EP source][local expert]; the experts want [local expert][...]."""
+        """Rows arrive as [ETP peer t][EP source s][local expert l]; the experts want [l][t][s].
+        Returns (rows [M', H], tokens_per_expert [L] on the CPU as SequentialMLP splits it, probs [M'])."""
         P, T, L = self.ep_size, self.tp_size, self.num_local_experts
-        offsets, start = {}, 0
-        for t in range(T):
-            for s in range(P):
-                for l in range(L):
-                    offsets[t, s, l] = start
-                    start += self._blocks[t][s][l]
-        order = [torch.arange(offsets[t, s, l], offsets[t, s, l] + self._blocks[t][s][l])
-                 for l in range(L) for t in range(T) for s in range(P)]
-        order = torch.cat(order).to(hidden.device) if order else torch.zeros(0, dtype=torch.long, device=hidden.device)
-        self._group_order = order
-        tokens_per_expert = torch.tensor([sum(self._blocks[t][s][l] for t in range(T) for s in range(P)) for l in range(L)])
-        if self.pad:
-            self.last_tokens_per_local_expert = None  # padding rows are not tokens; the router counts real ones
+        per_expert = [sum(self._blocks[t][s][l] for t in range(T) for s in range(P)) for l in range(L)]
+        tokens_per_expert = torch.tensor(per_expert, dtype=torch.long)
+        if L == 1:
+            hidden, probs = hidden.contiguous(), probs.contiguous()
+        elif self.pad:
+            C = self._blocks[0][0][0]
+            hidden = hidden.view(T * P, L, C, *hidden.shape[1:]).transpose(0, 1).reshape(hidden.shape)
+            probs = probs.view(T * P, L, C).transpose(0, 1).reshape(-1)
+        else:
+            sizes = [self._blocks[t][s][l] for t in range(T) for s in range(P) for l in range(L)]
+            order = [(t * P + s) * L + l for l in range(L) for t in range(T) for s in range(P)]
+            hidden, probs = (torch.cat([chunks[i] for i in order]) for chunks in
+                             (hidden.split(sizes), probs.split(sizes)))
+        if self.pad:  # real rows only: padding carries probability -0.0
+            real = ~((probs == 0) & torch.signbit(probs))
+            self.last_tokens_per_local_expert = real.view(L, -1).sum(dim=1)
         else:
             self.last_tokens_per_local_expert = tokens_per_expert.clone()
-        return hidden.index_select(0, order), tokens_per_expert, probs.index_select(0, order)
+        return hidden, tokens_per_expert, probs
 
     # ---- combine ------------------------------------------------------------------------------------
     def combine_preprocess(self, hidden: torch.Tensor):
-        inverse = torch.empty_like(self._group_order)
-        inverse[self._group_order] = torch.arange(self._group_order.numel(), device=inverse.device)
-        return hidden.index_select(0, inverse)
+        """[local expert l][t][s] -> [t][s][l], the order the reduce-scatter and all-to-all expect."""
+        P, T, L = self.ep_size, self.tp_size, self.num_local_experts
+        if L == 1:
+            return hidden
+        if self.pad:
+            C = self._blocks[0][0][0]
+            return hidden.view(L, T * P, C, *hidden.shape[1:]).transpose(0, 1).reshape(hidden.shape)
+        sizes = [self._blocks[t][s][l] for l in range(L) for t in range(T) for s in range(P)]
+        chunks = hidden.split(sizes)
+        return torch.cat([chunks[(l * T + t) * P + s] for t in range(T) for s in range(P) for l in range(L)])
 
     def token_combine(self, hidden: torch.Tensor):
-        if self.tp_size > 1:
-            hidden = reduce_scatter_v(hidden, self._etp_sizes, self.tp_group, self.comm_counter)
+        hidden = reduce_scatter_v(hidden, self._etp_sizes, self.tp_group, self.comm_counter)
         return all_to_all_v(hidden, self._recv, self._send, self.ep_group, self.comm_counter)
 
     def combine_postprocess(self, hidden: torch.Tensor):
-        """Sum each token's top-k expert outputs (already weighted by their probabilities)."""
-        out = hidden.new_zeros(self._num_tokens + 1, hidden.shape[-1])
-        out = out.index_add(0, self._source, hidden)[:-1]
-        return out.view(self.hidden_shape)
+        """Sum each token's expert outputs (the experts already weighted them by their probabilities)."""
+        out = _TokenRows.apply(False, hidden, self._dest, self._num_tokens, self.topk, self.pad)  # [N, H]
+        return out.view(*self.hidden_shape[:-1], hidden.shape[-1])

@@ -112,4 +112,4 @@ def test_edge_cases_match_closed_form(layout_kwargs, pad):
             for a, b in zip(runs[0][:3], runs[1][:3]):
                 assert torch.equal(a, b), f"{where}: two identical runs differ"
             # Drop-and-pad needs no count exchange (static sizes, no host synchronisation).
-            assert ("all_gather_counts" in calls) == (not pad and layout_kwargs.get("ep", 1) * layout_kwargs.get("etp", layout_kwargs.get("tp", 1)) > 1)
+            assert ("all_to_all_counts" in calls) == (not pad and layout_kwargs.get("ep", 1) * layout_kwargs.get("etp", layout_kwargs.get("tp", 1)) > 1)
