@@ -1,83 +1,209 @@
-"""Uneven collectives against closed-form expectations: forward, backward, zero-size blocks, counters."""
+"""Uneven collectives against closed-form expectations: forward, backward, zero-size blocks, size-1
+groups, counters, bad input; and the byte packing they share (single process)."""
 
+import pytest
 import torch
 import torch.distributed as dist
 
 from megatron_fold import FoldedLayout, parallel_state
-from megatron_fold.comm import CommCounter, all_gather_v, all_to_all_v, reduce_scatter_v
+from megatron_fold.comm import CommCounter, _pack, _unpack, all_gather_v, all_to_all_v, reduce_scatter_v
 from tests.multirank import run_on_ranks
 
+W = 8
 
-def _rows(rank, n, width=3):
+
+def _rows(rank, n, width=3, dtype=torch.float32):
     # Row i of rank r holds r*100 + i in every column: where a row came from is visible in its value.
-    return (rank * 100 + torch.arange(n, dtype=torch.float32)).unsqueeze(1).repeat(1, width)
+    return (rank * 100 + torch.arange(n, dtype=torch.float64)).unsqueeze(1).repeat(1, width).to(dtype)
+
+
+def _a2a_splits(rank):
+    """Rank r sends (r + j) % 3 rows to rank j; rank 5 sends nothing at all, rank 6 receives nothing."""
+    send = [0 if rank == 5 or j == 6 else (rank + j) % 3 for j in range(W)]
+    recv = [0 if j == 5 or rank == 6 else (j + rank) % 3 for j in range(W)]
+    return send, recv
+
+
+AG_SIZES = [0 if r == 2 else r % 3 + 1 for r in range(W)]  # uneven, rank 2 contributes nothing
+
+
+def _catch(fn):
+    try:
+        fn()
+    except ValueError as e:
+        return str(e)
+    return None
 
 
 def _collectives(rank, world_size):
-    W = world_size
     world = dist.group.WORLD
     out = {}
-    # all_to_all_v: rank r sends (r + j) % 3 rows to rank j (zero-size blocks included).
-    send = [(rank + j) % 3 for j in range(W)]
-    recv = [(j + rank) % 3 for j in range(W)]
+    # all_to_all_v of two dtypes in one collective.
+    send, recv = _a2a_splits(rank)
     x = _rows(rank, sum(send)).requires_grad_(True)
-    probs = torch.arange(sum(send), dtype=torch.float64).requires_grad_(True)  # another dtype, same collective
+    p = torch.arange(sum(send), dtype=torch.float64).requires_grad_(True)
     counter = CommCounter()
-    y, p = all_to_all_v([x, probs], send, recv, world, counter)
-    ((y * (rank + 1)).sum() + p.sum()).backward()  # one backward: one reverse collective for both
-    out["a2a"] = (y.detach(), p.detach(), x.grad, probs.grad, dict(counter.calls), dict(counter.bytes_sent))
-    # all_gather_v with uneven sizes (rank 2 contributes nothing).
-    sizes = [0 if r == 2 else r % 3 + 1 for r in range(W)]
-    x = _rows(rank, sizes[rank]).requires_grad_(True)
-    y = all_gather_v(x, sizes, world)
-    (y * torch.arange(1, y.shape[0] + 1).unsqueeze(1)).sum().backward()
-    out["ag"] = (y.detach(), x.grad)
-    # reduce_scatter_v: the same sizes; every rank contributes rank+1 times a known block pattern.
-    x = (torch.arange(sum(sizes), dtype=torch.float32).unsqueeze(1).repeat(1, 2) * (rank + 1)).requires_grad_(True)
-    y = reduce_scatter_v(x, sizes, world)
-    (y * 2).sum().backward()
-    out["rs"] = (y.detach(), x.grad)
-    # A group of one rank is a no-op that counts nothing.
-    pgs = parallel_state.initialize_model_parallel(FoldedLayout(W))
+    y, q = all_to_all_v([x, p], send, recv, world, counter)
+    ((y * (rank + 1)).sum() + (q * q).sum()).backward()  # one backward collective for both gradients
+    out["a2a"] = (y.detach(), q.detach(), x.grad, p.grad, dict(counter.calls), dict(counter.bytes_sent))
+
+    # all_gather_v, uneven: the a2a fallback; even: the native all-gather. Backward: reduce-scatter.
+    for name, sizes in (("ag", AG_SIZES), ("ag_even", [2] * W)):
+        counter = CommCounter()
+        x = _rows(rank, sizes[rank]).requires_grad_(True)
+        y = all_gather_v(x, sizes, world, counter)
+        (y * torch.arange(1, y.shape[0] + 1).unsqueeze(1) * (rank + 1)).sum().backward()
+        out[name] = (y.detach(), x.grad, dict(counter.calls), dict(counter.bytes_sent))
+
+    # reduce_scatter_v: every rank contributes (rank+1) times a known pattern. Backward: all-gather.
     counter = CommCounter()
-    z = all_to_all_v(_rows(rank, 2), [2], [2], pgs.tp, counter)
-    out["single"] = (torch.equal(z, _rows(rank, 2)), counter.total_calls)
+    x = (torch.arange(sum(AG_SIZES), dtype=torch.float32).unsqueeze(1).repeat(1, 2) * (rank + 1)).requires_grad_(True)
+    y = reduce_scatter_v(x, AG_SIZES, world, counter)
+    (y * (rank + 2)).sum().backward()
+    out["rs"] = (y.detach(), x.grad, dict(counter.calls), dict(counter.bytes_sent))
+
+    # bf16 reduce-scatter accumulates in fp32: 256 + 7 * 1 is 263 -> bf16 264 (bf16 partial sums
+    # would stay at 256, since 257 is not representable).
+    x = torch.full((W, 1), 256.0 if rank == 0 else 1.0, dtype=torch.bfloat16)
+    out["rs_bf16"] = reduce_scatter_v(x, [1] * W, world)
+
+    # The output of one collective (views into one packed buffer) feeds the next without repacking;
+    # values must be those of a plain two-step exchange.
+    hidden = _rows(rank, 2 * W, width=4, dtype=torch.bfloat16)
+    probs = torch.arange(2 * W, dtype=torch.float32) + rank
+    h1, p1 = all_to_all_v([hidden, probs], [2] * W, [2] * W, world)
+    h2, p2 = all_to_all_v([h1, p1], [2] * W, [2] * W, world)
+    out["chain"] = (h2, p2)
+
+    # Sub-groups (group ranks differ from global ranks) and a group of one rank.
+    pgs = parallel_state.initialize_model_parallel(FoldedLayout(W, ep=4, etp=2))
+    ep, etp, tp = pgs.ep, pgs.expt_tp, pgs.tp
+    x = _rows(rank, 4)
+    out["ep_a2a"] = all_to_all_v(x, [1] * 4, [1] * 4, ep)
+    out["etp_ag"] = all_gather_v(_rows(rank, dist.get_rank(etp) + 1), [1, 2], etp)
+    counter = CommCounter()
+    x1 = _rows(rank, 2).requires_grad_(True)
+    z = [all_to_all_v(x1, [2], [2], tp, counter), all_gather_v(x1, [2], tp, counter),
+         reduce_scatter_v(x1, [2], tp, counter)]
+    sum(t.sum() for t in z).backward()
+    out["single"] = ([torch.equal(t, x1) for t in z], torch.equal(x1.grad, torch.full_like(x1, 3.0)),
+                     counter.total_calls, counter.total_bytes)
+
+    # Bad input: every rank passes the same bad arguments, so every rank raises before communicating.
+    r6 = _rows(rank, 6)
+    out["errors"] = [
+        _catch(lambda: all_to_all_v(r6, [1] * 3, [1] * 3, world)),
+        _catch(lambda: all_to_all_v(r6, [1] * W, [1] * W, world)),
+        _catch(lambda: all_to_all_v(r6, [7] + [-1] * (W - 1), [0] * W, world)),
+        _catch(lambda: all_gather_v(r6, [5] * W, world)),
+        _catch(lambda: reduce_scatter_v(r6, [1] * W, world)),
+        _catch(lambda: all_to_all_v([r6, torch.zeros(5)], [6] + [0] * (W - 1), [6] + [0] * (W - 1), world)),
+    ]
     parallel_state.destroy_model_parallel()
     return out
 
 
-def test_collectives_closed_form():
-    W = 4
-    results = run_on_ranks(_collectives, W, timeout=60)
-    sizes = [0 if r == 2 else r % 3 + 1 for r in range(W)]
-    total_ar = torch.arange(1, sum(sizes) + 1, dtype=torch.float32)
+@pytest.fixture(scope="module")
+def results():
+    return run_on_ranks(_collectives, W, timeout=120)
+
+
+def test_all_to_all_v_forward_backward_and_counter(results):
     for rank, out in enumerate(results):
-        y, p, gx, gp, calls, sent = out["a2a"]
-        expected, expected_p = [], []
-        for j in range(W):  # from rank j: rows offset by what j sent to ranks before me
-            n_j = [(j + k) % 3 for k in range(W)]
-            start = sum(n_j[:rank])
-            expected.append(_rows(j, sum(n_j))[start:start + n_j[rank]])
-            expected_p.append(torch.arange(sum(n_j), dtype=torch.float64)[start:start + n_j[rank]])
-        assert torch.equal(y, torch.cat(expected))
-        assert torch.equal(p, torch.cat(expected_p))
-        # Backward: each row's gradient is (destination rank + 1).
-        send = [(rank + j) % 3 for j in range(W)]
+        y, q, gx, gp, calls, sent = out["a2a"]
+        send, recv = _a2a_splits(rank)
+        exp_y, exp_q = [], []
+        for j in range(W):  # from rank j: its rows after those it sent to ranks before me
+            s_j, _ = _a2a_splits(j)
+            start = sum(s_j[:rank])
+            exp_y.append(_rows(j, sum(s_j))[start:start + s_j[rank]])
+            exp_q.append(torch.arange(sum(s_j), dtype=torch.float64)[start:start + s_j[rank]])
+        assert sum(recv) == y.shape[0]
+        assert torch.equal(y, torch.cat(exp_y)) and torch.equal(q, torch.cat(exp_q))
+        # d/dx of (rank'+1) * y on the receiving rank: a row sent to rank j gets gradient j+1.
         assert torch.equal(gx, torch.cat([torch.full((n, 3), float(j + 1)) for j, n in enumerate(send)]))
-        assert torch.equal(gp, torch.ones(sum(send), dtype=torch.float64))
-        row_bytes = 3 * 4 + 8
+        assert torch.equal(gp, 2 * torch.arange(sum(send), dtype=torch.float64))
+        # A row is 12 bytes of fp32 + 8 of fp64, aligned to 8 so both can be viewed in place: 24 bytes.
         assert calls == {"all_to_all_v": 1, "all_to_all_v.backward": 1}
-        assert sent["all_to_all_v"] == (sum(send) - send[rank]) * row_bytes
+        assert sent == {"all_to_all_v": (sum(send) - send[rank]) * 24,
+                        "all_to_all_v.backward": (sum(recv) - recv[rank]) * 24}
 
-        y, gx = out["ag"]
-        assert torch.equal(y, torch.cat([_rows(r, sizes[r]) for r in range(W)]))
+
+@pytest.mark.parametrize("name", ["ag", "ag_even"])
+def test_all_gather_v_forward_backward_and_counter(results, name):
+    sizes = AG_SIZES if name == "ag" else [2] * W
+    total = sum(sizes)
+    # Loss on rank r: (r+1) * sum_i (i+1) * y_i, so row i's gradient summed over ranks is (i+1) * 36.
+    weight = torch.arange(1, total + 1, dtype=torch.float32) * sum(r + 1 for r in range(W))
+    for rank, out in enumerate(results):
+        y, gx, calls, sent = out[name]
         start = sum(sizes[:rank])
-        # d/dx of sum(y * i) summed over all ranks' identical losses: W copies of the row index weight.
-        assert torch.equal(gx, (W * total_ar[start:start + sizes[rank]]).unsqueeze(1).repeat(1, 3))
+        assert torch.equal(y, torch.cat([_rows(r, sizes[r]) for r in range(W)]))
+        assert torch.equal(gx, weight[start:start + sizes[rank]].unsqueeze(1).repeat(1, 3))
+        assert calls == {"all_gather_v": 1, "all_gather_v.backward": 1}
+        assert sent == {"all_gather_v": (W - 1) * sizes[rank] * 12,
+                        "all_gather_v.backward": (total - sizes[rank]) * 12}
 
-        y, gx = out["rs"]
-        block = torch.arange(sum(sizes), dtype=torch.float32)[start:start + sizes[rank]]
+
+def test_reduce_scatter_v_forward_backward_and_counter(results):
+    for rank, out in enumerate(results):
+        y, gx, calls, sent = out["rs"]
+        start = sum(AG_SIZES[:rank])
+        block = torch.arange(sum(AG_SIZES), dtype=torch.float32)[start:start + AG_SIZES[rank]]
         assert torch.equal(y, (block * sum(r + 1 for r in range(W))).unsqueeze(1).repeat(1, 2))
-        assert torch.equal(gx, torch.full((sum(sizes), 2), 2.0))
+        # Backward all-gathers each rank's gradient block: rows of rank r's block get r+2.
+        owner = torch.cat([torch.full((n,), float(r + 2)) for r, n in enumerate(AG_SIZES)])
+        assert torch.equal(gx, owner.unsqueeze(1).repeat(1, 2))
+        assert calls == {"reduce_scatter_v": 1, "reduce_scatter_v.backward": 1}
+        assert sent == {"reduce_scatter_v": (sum(AG_SIZES) - AG_SIZES[rank]) * 8,
+                        "reduce_scatter_v.backward": (W - 1) * AG_SIZES[rank] * 8}
+        assert out["rs_bf16"].dtype == torch.bfloat16 and out["rs_bf16"].item() == 264.0
 
-        assert out["single"] == (True, 0)
+
+def test_chained_collectives_and_subgroups(results):
+    layout = FoldedLayout(W, ep=4, etp=2)
+    for rank, out in enumerate(results):
+        # Two uniform all-to-alls are the identity: round 1 gives rank j my block j, round 2 returns it.
+        h2, p2 = out["chain"]
+        assert torch.equal(h2, _rows(rank, 2 * W, width=4, dtype=torch.bfloat16))
+        assert torch.equal(p2, torch.arange(2 * W, dtype=torch.float32) + rank)
+
+        ep = layout.group_of("ep", rank)
+        me = ep.index(rank)
+        assert torch.equal(out["ep_a2a"], torch.cat([_rows(g, 4)[me:me + 1] for g in ep]))
+        etp = layout.group_of("etp", rank)
+        assert torch.equal(out["etp_ag"], torch.cat([_rows(g, i + 1) for i, g in enumerate(etp)]))
+        assert out["single"] == ([True, True, True], True, 0, 0)
+
+
+def test_bad_input_names_the_problem(results):
+    msgs = results[0]["errors"]
+    assert "one entry per rank of the group (8), got 3" in msgs[0]
+    assert "sum to 8 but 6 rows" in msgs[1]
+    assert "non-negative" in msgs[2]
+    assert "holds 6 rows but sizes" in msgs[3]
+    assert "6 rows but sizes [1, 1, 1, 1, 1, 1, 1, 1] sum to 8" in msgs[4]
+    assert "share rows" in msgs[5]
+
+
+def test_packing_is_zero_copy_and_reuses_packed_buffers():
+    hidden = torch.randn(5, 3, dtype=torch.bfloat16)
+    probs = torch.rand(5)
+    buf = _pack([hidden, probs])
+    # bf16 [3] = 6 bytes, fp32 aligned to offset 8, row width 12.
+    assert buf.shape == (5, 12) and buf.dtype == torch.uint8
+    h, p = _unpack(buf, [hidden, probs])
+    assert torch.equal(h, hidden) and torch.equal(p, probs)
+    assert h.data_ptr() == buf.data_ptr() and p.data_ptr() == buf.data_ptr() + 8  # views, no copy
+    assert _pack([h, p]).data_ptr() == buf.data_ptr()  # already packed: sent as is
+    assert _pack([h[2:], p[2:]]).data_ptr() == buf[2:].data_ptr()  # a row range of it as well
+    assert torch.equal(_pack([h[2:], p[2:]]), buf[2:])
+    # Another column order, or rows of different buffers, are packed afresh (same bytes as a copy).
+    again = _pack([p, h])
+    assert again.data_ptr() != buf.data_ptr()
+    p2, h2 = _unpack(again, [p, h])
+    assert torch.equal(p2, probs) and torch.equal(h2, hidden)
+    single = torch.randn(4, 2, 3)
+    assert _pack([single]).data_ptr() == single.data_ptr()  # one contiguous tensor: no copy
+    empty = _pack([hidden[:0], probs[:0]])
+    assert empty.shape == (0, 12) and [t.shape for t in _unpack(empty, [hidden, probs])] == [(0, 3), (0,)]
