@@ -217,9 +217,9 @@ class FoldRouter(TopKRouter):
         total, local = int(total_bad.item()), int(local_bad.item())
         if total:
             raise NonFiniteRouterScores(
-                f"MoE layer {self.layer_number}: router logits are NaN or infinite for {local} of "
+                f"MoE layer {self.layer_number}: router scores are NaN or infinite for {local} of "
                 f"{logits.shape[0]} tokens on this rank ({total} on the ranks of this pipeline stage): "
-                "diverged training or bad input; pass check_finite=False to skip this check")
+                "diverged training or bad input; pass check_finite=False to the spec to skip this check")
 
     def _record_token_counts(self, routed: torch.Tensor, kept: torch.Tensor, padding_mask: torch.Tensor | None,
                              gathered_counts: torch.Tensor | None) -> None:

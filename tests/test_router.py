@@ -304,7 +304,7 @@ def test_non_finite_logits_name_the_layer(pgs, cuda):
     x[5, 0, 2] = float("inf")
     strict = _load(FoldRouter(config, pg_collection=pgs), _weights(config))
     strict.set_layer_number(7)
-    with pytest.raises(NonFiniteRouterScores, match=r"MoE layer 7: router logits are NaN or infinite for 2 of 36 "
+    with pytest.raises(NonFiniteRouterScores, match=r"MoE layer 7: router scores are NaN or infinite for 2 of 36 "
                                                      r"tokens on this rank \(2 on the ranks"):
         strict(x)
     lenient = _load(FoldRouter(config, pg_collection=pgs, check_finite=False), _weights(config))

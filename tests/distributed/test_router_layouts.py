@@ -1,60 +1,145 @@
-"""FoldRouter's sequence-scope routing, aux losses, z-loss, token counts and expert-bias counts are the
-same under every attention TP x CP layout (DP replicas get their own micro-batches): each rank's rows equal the single-rank rows of its tokens,
-and gradients summed over the ranks equal the single-rank gradient of the same micro-batch."""
+"""Sequence-scope FoldRouter is layout-invariant: on 8 gloo ranks under attention TP x CP layouts (sequence
+parallelism on; DP replicas each route their own micro-batch), every rank's probs, routing map and input
+gradient equal the single-rank rows of its tokens; the router-weight gradient, tokens-per-expert
+metrics, aux losses, z-loss (logged with upstream's reductions) and the expert-bias update equal the
+single-rank values.
+
+References: "replica" cases run one single-rank forward per DP replica's micro-batch (aux_loss,
+seq_aux_loss and z-loss normalise per micro-batch); "pooled" cases run one single-rank forward on all
+replicas' micro-batches side by side in the batch dimension, which is what global_aux_loss and the
+expert-bias update (both reduced over TP x DP x CP upstream) see. Sequence-scope drops are decided per
+sequence, so they are the same either way.
+"""
 
 import pytest
 import torch
 import torch.distributed as dist
+from megatron.core.transformer.moe.moe_logging import destroy_moe_metrics_tracker, get_moe_metrics_tracker
+from megatron.core.transformer.moe.moe_utils import get_updated_expert_bias
 
 from megatron_fold import FoldedLayout, parallel_state
-from megatron_fold.router import FoldRouter
+from megatron_fold.router import FoldRouter, NonFiniteRouterScores
 from megatron_fold.token_order import shard_sequence
 from tests import moe_reference as ref
 from tests.multirank import run_on_ranks
 
 S, B, H = 16, 2, 16
+MAX_DP = 4
 
 LAYOUTS = [dict(tp=2), dict(cp=2), dict(tp=2, cp=2), dict(tp=4, cp=2), dict(tp=2, cp=4)]
-CONFIGS = {
-    "probs-top2-e8": dict(moe_expert_capacity_factor=1.0),
-    "position-top1-e64": dict(num_moe_experts=64, moe_router_topk=1, moe_router_pre_softmax=True,
-                              moe_expert_capacity_factor=0.5, moe_token_drop_policy="position"),
-    "probs-top8-e64-aux+z": dict(num_moe_experts=64, moe_router_topk=8, moe_expert_capacity_factor=1.0,
-                                 moe_router_load_balancing_type="aux_loss", moe_aux_loss_coeff=0.1,
-                                 moe_z_loss_coeff=0.01),
-    "seq-aux": dict(moe_expert_capacity_factor=0.5, moe_router_load_balancing_type="seq_aux_loss",
-                    moe_aux_loss_coeff=0.1),
-    "sigmoid-expert-bias": dict(moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
-                                moe_expert_capacity_factor=1.0),
-    "global-aux": dict(moe_router_load_balancing_type="global_aux_loss", moe_aux_loss_coeff=0.1),
+CASES = {  # name: (reference, config overrides); every case drops tokens with sequence scope
+    "probs-top2-e8-aux+z": ("replica", dict(moe_expert_capacity_factor=1.0, moe_router_load_balancing_type="aux_loss",
+                                            moe_aux_loss_coeff=0.1, moe_z_loss_coeff=0.01)),
+    "position-top1-e64-seq-aux": ("replica", dict(num_moe_experts=64, moe_router_topk=1, moe_router_pre_softmax=True,
+                                                  moe_expert_capacity_factor=1.0, moe_token_drop_policy="position",
+                                                  moe_router_load_balancing_type="seq_aux_loss", moe_aux_loss_coeff=0.1)),
+    "probs-top1-e64": ("replica", dict(num_moe_experts=64, moe_router_topk=1, moe_router_pre_softmax=True,
+                                       moe_expert_capacity_factor=2.0)),
+    "position-top2-e8": ("replica", dict(moe_expert_capacity_factor=0.5, moe_token_drop_policy="position")),
+    "position-top2-e64": ("replica", dict(num_moe_experts=64, moe_expert_capacity_factor=1.0,
+                                          moe_token_drop_policy="position")),
+    "probs-top1-e8-sigmoid": ("replica", dict(moe_router_topk=1, moe_router_score_function="sigmoid",
+                                              moe_expert_capacity_factor=1.0)),
+    "probs-top2-e64-pad": ("replica", dict(num_moe_experts=64, moe_expert_capacity_factor=1.0,
+                                           moe_pad_expert_input_to_capacity=True)),
+    "probs-top2-e8-exact-ties": ("replica", dict(moe_expert_capacity_factor=0.5)),
+    "sigmoid-expert-bias": ("pooled", dict(moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
+                                           moe_expert_capacity_factor=1.0)),
+    "global-aux": ("pooled", dict(moe_router_load_balancing_type="global_aux_loss", moe_aux_loss_coeff=0.1,
+                                  moe_expert_capacity_factor=0.5)),
 }
 
 
-def _inputs(replica, experts):
-    g = torch.Generator().manual_seed(50 + replica)
-    return torch.randn(S, B, H, generator=g), torch.randn(S, B, experts, generator=g)
+def _config(layout, name, **extra):
+    return ref.make_moe_config(layout, hidden_size=H, **CASES[name][1], **extra)
 
 
-def _route(layout, pgs, name, x, r):
-    config = ref.make_moe_config(layout, hidden_size=H, **CONFIGS[name])
-    torch.manual_seed(0)
+def _experts(name):
+    return CASES[name][1].get("num_moe_experts", 8)
+
+
+def _weight(name):
+    """Router weight; quarters for the tie case, so logits are exact in any summation order."""
+    g = torch.Generator().manual_seed(100 + list(CASES).index(name))
+    if name.endswith("exact-ties"):
+        return torch.randint(-2, 3, (_experts(name), H), generator=g).float() / 4
+    return torch.randn(_experts(name), H, generator=g) * 0.5
+
+
+def _inputs(name, replica):
+    """One replica's micro-batch x [S, B, H] and output weights r [S, B, E] of the test loss sum(probs * r)."""
+    g = torch.Generator().manual_seed(1000 * list(CASES).index(name) + replica)
+    if name.endswith("exact-ties"):  # tokens repeat (a pool of 4): equal probabilities compete for slots
+        pool = torch.randint(-1, 2, (4, H), generator=g).float()
+        x = pool[torch.randint(0, 4, (S, B), generator=g)]
+    else:
+        x = torch.randn(S, B, H, generator=g)
+    return x, torch.randn(S, B, _experts(name), generator=g)
+
+
+def _logged_like_upstream(pgs):
+    """Logged losses reduced as MoEMetricsTracker._sync_metrics does: sum over the entry's reduce_group,
+    mean over its avg_group, then mean over DP when needs_dp_avg (gloo has no AVG: sum / size)."""
+    out = {}
+    for name, entry in get_moe_metrics_tracker().metrics.items():
+        value = entry.values.clone()
+        if entry.reduce_group is not None:
+            dist.all_reduce(value, group=entry.reduce_group)
+        if entry.avg_group is not None:
+            dist.all_reduce(value, group=entry.avg_group)
+            value /= dist.get_world_size(entry.avg_group)
+        if entry.needs_dp_avg:
+            dist.all_reduce(value, group=pgs.dp)
+            value /= dist.get_world_size(pgs.dp)
+        out[name] = value
+    return out
+
+
+def _route(layout, pgs, name, x, r, grad_group):
+    """Forward + backward on this rank's tokens; reductions as Megatron's training loop does them."""
+    config = _config(layout, name)
     router = FoldRouter(config, pg_collection=pgs, drop_scope="sequence")
+    with torch.no_grad():
+        router.weight.copy_(_weight(name))
+        if config.moe_router_enable_expert_bias:
+            router.expert_bias.copy_(torch.linspace(-0.05, 0.05, config.num_moe_experts))
     router.set_layer_number(1)
     router.train()
+    destroy_moe_metrics_tracker()
     x = x.clone().requires_grad_(True)
     probs, routing_map = router(x)
     (probs * r.reshape(-1, config.num_moe_experts)).sum().backward()
-    bias_counts = None if router.local_tokens_per_expert is None else router.local_tokens_per_expert.clone()
-    return (probs.detach(), routing_map, x.grad, router.weight.grad.clone(), router.token_counts()[1],
-            bias_counts)
+    gw = router.weight.grad.clone()
+    dist.all_reduce(gw, group=grad_group)  # the sequence-parallel router weight's gradient reduction
+    counts = torch.stack([router.last_tokens_per_expert_before_drop, router.last_tokens_per_expert])  # [2, E]
+    counts_all_replicas = counts.clone()
+    dist.all_reduce(counts_all_replicas, group=pgs.dp)
+    out = dict(probs=probs.detach(), map=routing_map, gx=x.grad, gw=gw, counts=counts,
+               counts_all_replicas=counts_all_replicas, dropped=router.last_dropped_fraction.clone(),
+               logged=_logged_like_upstream(pgs), comm=(dict(router.comm_counter.calls),
+                                                         dict(router.comm_counter.bytes_sent)))
+    if config.moe_router_enable_expert_bias:  # what finalize_model_grads does at the end of the step
+        tokens = router.local_tokens_per_expert.clone()
+        out["bias"] = get_updated_expert_bias(tokens, router.expert_bias, config.moe_router_bias_update_rate,
+                                              tp_dp_cp_group=pgs.tp_dp_cp)
+        out["bias_tokens"] = tokens  # all-reduced over TP x DP x CP in place
+    return out
 
 
-def _single(rank, world_size, replicas):
+def _single(rank, world_size):
     layout = FoldedLayout(1)
     pgs = parallel_state.initialize_model_parallel(layout)
     try:
-        return {name: [_route(layout, pgs, name, *_inputs(rep, ref.make_moe_config(layout, **CONFIGS[name]).num_moe_experts))
-                       for rep in range(replicas)] for name in CONFIGS}
+        out = {}
+        for name, (kind, _) in CASES.items():
+            if kind == "replica":
+                out[name] = [_route(layout, pgs, name, *_inputs(name, d), pgs.tp_cp) for d in range(MAX_DP)]
+            else:  # keyed by the number of replicas pooled side by side in the batch dimension
+                out[name] = {dp: _route(layout, pgs, name,
+                                        *(torch.cat(t, dim=1) for t in zip(*(_inputs(name, d) for d in range(dp)))),
+                                        pgs.tp_cp)
+                             for dp in (1, 2, 4)}
+        return out
     finally:
         parallel_state.destroy_model_parallel()
 
@@ -65,66 +150,172 @@ def _multi(rank, world_size, layout_kwargs):
     try:
         c = layout.rank_coords(rank)
         out = {}
-        for name in CONFIGS:
-            if name == "global-aux" and layout.dp > 1:
-                continue  # global aux loss pools DP replicas: compared on DP = 1 layouts only
-            experts = ref.make_moe_config(layout, **CONFIGS[name]).num_moe_experts
-            x, r = (shard_sequence(t, c["tp"], layout.tp, c["cp"], layout.cp) for t in _inputs(c["dp"], experts))
-            probs, routing_map, gx, gw, tokens, bias_counts = _route(layout, pgs, name, x, r)
-            dist.all_reduce(gw, group=pgs.tp_cp)  # sequence-parallel router weight: sum over TP x CP
-            if bias_counts is not None:  # Megatron reduces these over TP x DP x CP; per replica: TP x CP
-                dist.all_reduce(bias_counts, group=pgs.tp_cp)
-            out[name] = (probs, routing_map, gx, gw, tokens, bias_counts)
+        for name, (kind, _) in CASES.items():
+            x, r = (shard_sequence(t, c["tp"], layout.tp, c["cp"], layout.cp) for t in _inputs(name, c["dp"]))
+            out[name] = _route(layout, pgs, name, x, r, pgs.tp_cp if kind == "replica" else pgs.tp_dp_cp)
         return out
     finally:
         parallel_state.destroy_model_parallel()
 
 
-@pytest.mark.parametrize("layout_kwargs", LAYOUTS, ids=["-".join(f"{k}{v}" for k, v in kw.items()) for kw in LAYOUTS])
-def test_layout_invariance(layout_kwargs):
-    layout = FoldedLayout(8, **layout_kwargs)
-    single = run_on_ranks(_single, 1, layout.dp, timeout=120)[0]
-    for rank, results in enumerate(run_on_ranks(_multi, 8, layout_kwargs, timeout=120)):
-        c = layout.rank_coords(rank)
-        shard = lambda t: shard_sequence(t.reshape(S, B, -1), c["tp"], layout.tp, c["cp"], layout.cp).reshape(-1, t.shape[-1])  # noqa: E731
-        for name, (probs, routing_map, gx, gw, tokens, bias_counts) in results.items():
-            r_probs, r_map, r_gx, r_gw, r_tokens, r_bias = single[name][c["dp"]]
-            where = f"rank {rank} {name}"
-            assert torch.equal(routing_map, shard(r_map)), where
-            torch.testing.assert_close(probs, shard(r_probs), rtol=1e-5, atol=1e-6, msg=lambda m: f"{where}: {m}")
-            torch.testing.assert_close(gx, shard_sequence(r_gx, c["tp"], layout.tp, c["cp"], layout.cp),
-                                       rtol=1e-5, atol=1e-6, msg=lambda m: f"{where} input grad: {m}")
-            torch.testing.assert_close(gw, r_gw, rtol=1e-5, atol=1e-6, msg=lambda m: f"{where} weight grad: {m}")
-            assert torch.equal(tokens, r_tokens), where
-            if bias_counts is not None:
-                # Megatron's expert-bias update is a function of these counts alone
-                # (get_updated_expert_bias: bias += rate * sign(mean - count)).
-                assert torch.equal(bias_counts, r_bias), where
+@pytest.fixture(scope="module")
+def single():
+    return run_on_ranks(_single, 1, timeout=120)[0]
 
+
+def _close(actual, expected, what):
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6, msg=lambda m: f"{what}: {m}")
+
+
+@pytest.mark.parametrize("layout_kwargs", LAYOUTS, ids=["-".join(f"{k}{v}" for k, v in kw.items()) for kw in LAYOUTS])
+def test_sequence_scope_is_layout_invariant(single, layout_kwargs):
+    layout = FoldedLayout(8, **layout_kwargs)
+    results = run_on_ranks(_multi, 8, layout_kwargs, timeout=120)
+    for rank, per_case in enumerate(results):
+        c = layout.rank_coords(rank)
+
+        for name, got in per_case.items():
+            kind = CASES[name][0]
+            want = single[name][c["dp"]] if kind == "replica" else single[name][layout.dp]
+            columns = slice(0, B) if kind == "replica" else slice(c["dp"] * B, (c["dp"] + 1) * B)
+
+            def mine(t):  # this rank's rows of a single-rank tensor [S*B', ...] or [S, B', ...]
+                full = t.reshape(S, -1, *t.shape[(2 if t.dim() == 3 else 1):])[:, columns]
+                return shard_sequence(full, c["tp"], layout.tp, c["cp"], layout.cp)
+
+            where = f"rank {rank} {name}"
+            E = _experts(name)
+            assert torch.equal(got["map"], mine(want["map"]).reshape(-1, E)), where
+            _close(got["probs"], mine(want["probs"]).reshape(-1, E), f"{where} probs")
+            _close(got["gx"], mine(want["gx"]), f"{where} input grad")
+            _close(got["gw"], want["gw"], f"{where} router weight grad")
+            if kind == "replica":
+                assert torch.equal(got["counts"], want["counts"]), where
+                assert got["dropped"].item() == want["dropped"].item(), where
+            else:
+                assert torch.equal(got["counts_all_replicas"], want["counts"]), where
+            assert got["logged"].keys() == want["logged"].keys(), where
+            for loss, value in got["logged"].items():
+                if kind == "replica":  # upstream's DP mean of the replicas' micro-batch losses
+                    expected = torch.stack([single[name][d]["logged"][loss] for d in range(layout.dp)]).mean(dim=0)
+                else:
+                    expected = want["logged"][loss]
+                _close(value, expected, f"{where} logged {loss}")
+            if "bias" in want:
+                assert torch.equal(got["bias_tokens"], want["bias_tokens"]), where
+                assert torch.equal(got["bias"], want["bias"]), where
+
+
+def test_losses_and_drops_are_exercised(single):
+    """Guards the invariance test against vacuity: each case drops tokens and logs the losses it names."""
+    for name, (kind, overrides) in CASES.items():
+        runs = single[name] if kind == "replica" else list(single[name].values())
+        assert all(run["counts"][1].sum() < run["counts"][0].sum() for run in runs), f"{name}: nothing dropped"
+        logged = set(runs[0]["logged"])
+        expected = {"load_balancing_loss"} if overrides.get("moe_router_load_balancing_type") == "aux_loss" else set()
+        expected |= {"z_loss"} if overrides.get("moe_z_loss_coeff") else set()
+        expected |= {"seq_load_balancing_loss"} if "seq-aux" in name else set()
+        expected |= {"global_load_balancing_loss"} if "global-aux" in name else set()
+        assert logged == expected, name
+    biases = single["sigmoid-expert-bias"]
+    assert not torch.equal(biases[4]["bias"], biases[1]["bias"])  # pooled counts move the bias differently
+
+
+def test_sequence_scope_collectives(single):
+    """One all-gather of E floats per token (plus a one-time coordinate gather and the finite check);
+    token counts come from the gathered keys, without a collective of their own."""
+    layout = FoldedLayout(8, tp=2, cp=2)
+    results = run_on_ranks(_multi, 8, dict(tp=2, cp=2), timeout=120)
+    for rank, per_case in enumerate(results):
+        calls, sent = per_case["probs-top2-e8-aux+z"]["comm"]
+        local_tokens = S // (layout.tp * layout.cp) * B
+        assert calls == {"all_reduce_finite_check": 1, "all_gather_coords": 1, "all_gather_scores": 1}, rank
+        assert sent["all_gather_scores"] == local_tokens * 8 * 4 * (layout.tp * layout.cp - 1), rank
+
+
+# ---- without sequence parallelism, subsequence scope, non-finite logits ----------------------------------
 
 def _no_sequence_parallel(rank, world_size):
-    """TP 2 without sequence parallelism (evaluation): TP ranks hold the same tokens."""
+    """TP 2 without sequence parallelism (evaluation): TP ranks hold the same tokens, CP splits them."""
     layout = FoldedLayout(world_size, tp=2, cp=2)
     pgs = parallel_state.initialize_model_parallel(layout)
     try:
         c = layout.rank_coords(rank)
-        config = ref.make_moe_config(layout, hidden_size=H, sequence_parallel=False, **CONFIGS["probs-top2-e8"])
-        torch.manual_seed(0)  # the single-rank reference's router weights
-        router = FoldRouter(config, pg_collection=pgs, drop_scope="sequence")
+        name = "position-top2-e8"
+        router = FoldRouter(_config(layout, name, sequence_parallel=False), pg_collection=pgs, drop_scope="sequence")
+        with torch.no_grad():
+            router.weight.copy_(_weight(name))
         router.set_layer_number(1)
-        x, _ = _inputs(c["dp"], 8)
+        x, _ = _inputs(name, c["dp"])
         probs, routing_map = router(shard_sequence(x, 0, 1, c["cp"], layout.cp))
-        return routing_map, router.token_counts()[1]
+        return routing_map, router.last_tokens_per_expert
     finally:
         parallel_state.destroy_model_parallel()
 
 
-def test_tensor_parallel_without_sequence_parallel():
+def test_tensor_parallel_without_sequence_parallel(single):
     layout = FoldedLayout(8, tp=2, cp=2)
-    single = run_on_ranks(_single, 1, layout.dp, timeout=120)[0]["probs-top2-e8"]
     for rank, (routing_map, tokens) in enumerate(run_on_ranks(_no_sequence_parallel, 8, timeout=120)):
         c = layout.rank_coords(rank)
-        r_map, r_tokens = single[c["dp"]][1], single[c["dp"]][4]
-        expected = shard_sequence(r_map.reshape(S, B, -1), 0, 1, c["cp"], layout.cp).reshape(-1, 8)
-        assert torch.equal(routing_map, expected), rank
-        assert torch.equal(tokens, r_tokens), rank  # TP copies are not counted twice
+        want = single["position-top2-e8"][c["dp"]]
+        assert torch.equal(routing_map, shard_sequence(want["map"].reshape(S, B, -1), 0, 1, c["cp"], layout.cp)
+                           .reshape(-1, 8)), rank
+        assert torch.equal(tokens, want["counts"][1]), rank  # TP copies are not counted twice
+
+
+def _subsequence(rank, world_size):
+    layout = FoldedLayout(world_size, tp=2, cp=2)
+    pgs = parallel_state.initialize_model_parallel(layout)
+    try:
+        c = layout.rank_coords(rank)
+        name = "probs-top2-e8-exact-ties"
+        router = FoldRouter(_config(layout, name), pg_collection=pgs)  # subsequence scope, Megatron's semantics
+        with torch.no_grad():
+            router.weight.copy_(_weight(name))
+        router.set_layer_number(1)
+        x, _ = _inputs(name, c["dp"])
+        probs, routing_map = router(shard_sequence(x, c["tp"], layout.tp, c["cp"], layout.cp))
+        return routing_map, router.last_tokens_per_expert, router.last_tokens_per_expert_before_drop
+    finally:
+        parallel_state.destroy_model_parallel()
+
+
+def test_subsequence_token_counts_sum_the_replica(single):
+    """Subsequence scope drops per rank (layout-dependent) but still reports the replica's whole count."""
+    layout = FoldedLayout(8, tp=2, cp=2)
+    results = run_on_ranks(_subsequence, 8, timeout=120)
+    for d in range(layout.dp):
+        replica = [r for r in range(8) if layout.rank_coords(r)["dp"] == d]
+        kept = sum(results[r][0].sum(dim=0) for r in replica)
+        for r in replica:
+            assert torch.equal(results[r][1], kept), r
+            assert torch.equal(results[r][2], single["probs-top2-e8-exact-ties"][d]["counts"][0]), r
+    # The sequence scope keeps a different set: the two scopes really differ on this input.
+    assert any(not torch.equal(results[r][1], single["probs-top2-e8-exact-ties"][layout.rank_coords(r)["dp"]]["counts"][1])
+               for r in range(8))
+
+
+def _one_rank_nan(rank, world_size):
+    layout = FoldedLayout(world_size, tp=2, cp=2)
+    pgs = parallel_state.initialize_model_parallel(layout)
+    try:
+        router = FoldRouter(_config(layout, "position-top2-e8"), pg_collection=pgs, drop_scope="sequence")
+        router.set_layer_number(4)
+        x = torch.randn(S // 4, B, H)
+        if rank == 5:
+            x[1, 0, 3] = float("nan")
+        try:
+            router(x)
+        except NonFiniteRouterScores as e:
+            return str(e)
+        return None
+    finally:
+        parallel_state.destroy_model_parallel()
+
+
+def test_one_rank_non_finite_raises_on_every_rank():
+    for rank, error in enumerate(run_on_ranks(_one_rank_nan, 8, timeout=60)):
+        local = 1 if rank == 5 else 0
+        assert error is not None and error.startswith(
+            f"MoE layer 4: router scores are NaN or infinite for {local} of 8 tokens on this rank "
+            "(1 on the ranks of this pipeline stage)"), (rank, error)
