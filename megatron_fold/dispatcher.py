@@ -7,19 +7,19 @@ probabilities themselves (SequentialMLP/MLP scale the activation by `permuted_pr
 only sums each token's expert outputs. The probabilities travel inside the hidden-state collectives
 (rows packed as bytes, see comm.py): they cost no collective of their own.
 
-Collectives, with EP = P and ETP = T (a group of one rank is skipped and costs nothing):
-                        forward                               backward
-  dropless / dropping   1 all-to-all of counts over ETP x EP  -
-                        1 all-to-all-v over EP, 1 all-gather-v over ETP (dispatch)
-                        1 reduce-scatter-v over ETP, 1 all-to-all-v over EP (combine)
-                                                              the same four, mirrored
-  drop-and-pad          the same without the count exchange   the same four
+Collectives per forward and per backward, with EP = P and ETP = T (a group of one rank is skipped
+and costs nothing), as counted in `comm_counter` under these kinds:
+  dropless / dropping, forward (5): all_to_all_counts (ETP x EP), all_to_all_v (EP, dispatch),
+      all_gather_v (ETP), reduce_scatter_v (ETP, combine), all_to_all_v (EP, combine)
+  drop-and-pad, forward (4): the same without all_to_all_counts
+  backward, every mode (4): all_to_all_v.backward x2, all_gather_v.backward, reduce_scatter_v.backward
 The count exchange is the only host synchronisation (split sizes must be known on the host before an
 uneven all-to-all): each rank sends every rank of its ETP x EP group the counts for that rank's
-experts (L integers), and one device-to-host copy reads them with this rank's own counts. Drop-and-pad
-needs neither: every (rank, expert) block has the static size `capacity.padded_tokens_per_expert`.
+experts (L integers; Megatron all-gathers all E counts), and one device-to-host copy reads them with
+this rank's own counts. Drop-and-pad needs neither: every (rank, expert) block has the static size
+`capacity.padded_tokens_per_expert`, so it runs without any host synchronisation.
 
-Summation is deterministic everywhere (no atomics): a token's expert outputs are placed in a
+Summation is deterministic everywhere (no atomic accumulation into a kept value): a token's expert outputs are placed in a
 [tokens, topk] grid and summed in expert order, and the input gradient of the permutation is summed
 the same way. Nothing here touches CUDA: buffers come from the input's device.
 """
