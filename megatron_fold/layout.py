@@ -12,6 +12,7 @@ default "tp-cp-ep-dp-pp" puts TP peers on adjacent ranks and PP stages furthest 
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -65,6 +66,32 @@ def masked_orthogonal_groups(sizes: list[int], mask: list[bool]) -> list[list[in
     Same enumeration as Megatron's `generate_masked_orthogonal_rank_groups`: groups are numbered by the
     unmasked coordinates and ranks inside a group by the masked ones, leftmost dimension fastest.
     """
+    return [list(g) for g in _canonical_groups(*_canonical_grid(sizes, mask))]
+
+
+def _canonical_grid(sizes: list[int], mask: list[bool]) -> tuple[tuple[int, ...], tuple[bool, ...]]:
+    """The same grid with size-1 dimensions dropped and neighbouring dimensions of equal mask merged.
+
+    Neither changes the groups (a size-1 dimension has one coordinate; two neighbouring masked
+    dimensions of sizes a, b enumerate the same offsets, in the same order, as one of size a*b), but
+    many layouts share a canonical grid: `megatron-fold plan` builds thousands of layouts and their
+    PP, TP, EP groups repeat, so the canonical grid is what the cache below is keyed by.
+    """
+    out_sizes: list[int] = []
+    out_mask: list[bool] = []
+    for size, masked in zip(sizes, mask):
+        if size == 1:
+            continue
+        if out_mask and out_mask[-1] == bool(masked):
+            out_sizes[-1] *= size
+        else:
+            out_sizes.append(size)
+            out_mask.append(bool(masked))
+    return tuple(out_sizes), tuple(out_mask)
+
+
+@functools.lru_cache(maxsize=1024)
+def _canonical_groups(sizes: tuple[int, ...], mask: tuple[bool, ...]) -> tuple[tuple[int, ...], ...]:
     strides = [math.prod(sizes[:i]) for i in range(len(sizes))]
     masked = [(s, st) for s, st, m in zip(sizes, strides, mask) if m]
     unmasked = [(s, st) for s, st, m in zip(sizes, strides, mask) if not m]
@@ -76,7 +103,13 @@ def masked_orthogonal_groups(sizes: list[int], mask: list[bool]) -> list[list[in
         return out
 
     inner = offsets(masked)
-    return [[base + o for o in inner] for base in offsets(unmasked)]
+    return tuple(tuple(base + o for o in inner) for base in offsets(unmasked))
+
+
+@functools.lru_cache(maxsize=4096)
+def _intra_node(sizes: tuple[int, ...], mask: tuple[bool, ...], gpus_per_node: int) -> bool:
+    # Nodes hold contiguous rank ranges: a group is inside one node iff its extremes are.
+    return all(min(g) // gpus_per_node == max(g) // gpus_per_node for g in _canonical_groups(sizes, mask))
 
 
 @dataclass(frozen=True)
@@ -181,7 +214,8 @@ class FoldedLayout:
                 f"EDP == DP, got EDP {self.edp} != DP {self.dp} (need ETP*EP == TP*CP = {self.tp * self.cp}); "
                 f"use order {DEFAULT_ORDER!r} to fold freely"
             )
-        elif self.groups("pp") != self._expert_pp_groups():
+        elif (_canonical_groups(*self._canonical("attention", "pp"))
+              != _canonical_groups(*self._canonical("expert", "pp"))):
             out.append(
                 "pipeline groups of the attention grid and the expert grid differ "
                 f"(attention {self.groups('pp')[:2]}..., expert {self._expert_pp_groups()[:2]}...); "
@@ -199,12 +233,15 @@ class FoldedLayout:
         tokens = self.order.split("-")
         return tokens, [size[t] for t in tokens]
 
+    def _canonical(self, grid: str, token: str) -> tuple[tuple[int, ...], tuple[bool, ...]]:
+        tokens, sizes = self._grid(grid)
+        wanted = token.split("-")
+        return _canonical_grid(sizes, [t in wanted for t in tokens])
+
     def _ranks(self, grid: str, token: str) -> list[list[int]]:
         key = (grid, token)
         if key not in self._groups_cache:
-            tokens, sizes = self._grid(grid)
-            wanted = token.split("-")
-            self._groups_cache[key] = masked_orthogonal_groups(sizes, [t in wanted for t in tokens])
+            self._groups_cache[key] = [list(g) for g in _canonical_groups(*self._canonical(grid, token))]
         return self._groups_cache[key]
 
     def _expert_pp_groups(self) -> list[list[int]]:
@@ -250,7 +287,9 @@ class FoldedLayout:
         """True when every `name` group stays inside one node (NVLink rather than the network)."""
         key = ("intra_node", name)
         if key not in self._groups_cache:
-            self._groups_cache[key] = all(len(self.nodes_of(g)) == 1 for g in self.groups(name))
+            if name not in _GROUP_TOKENS:
+                raise KeyError(f"unknown group {name!r}; known groups: {', '.join(GROUP_NAMES)}")
+            self._groups_cache[key] = _intra_node(*self._canonical(*_GROUP_TOKENS[name]), self.gpus_per_node)
         return self._groups_cache[key]
 
     def placement(self, name: str) -> list[dict]:
