@@ -163,6 +163,7 @@ _saved: list[tuple[object, str, object]] = []
 
 
 def is_active() -> bool:
+    """Whether Megatron-Core's CUDA calls are currently answered on the CPU."""
     return bool(_saved)
 
 
@@ -173,9 +174,9 @@ def enable_cpu_mode() -> None:
     """
     if torch.cuda.is_available():
         raise CpuModeRefused(
-            "megatron_fold CPU mode is for machines without CUDA; this one has "
-            f"{torch.cuda.device_count()} CUDA device(s), so Megatron-Core must run its CUDA paths "
-            "unchanged (enable CPU mode only under `if not torch.cuda.is_available()`)"
+            "megatron_fold CPU mode is for machines without CUDA, but torch.cuda.is_available() is True "
+            "here, so Megatron-Core must run its CUDA paths unchanged (enable CPU mode only under "
+            "`if not torch.cuda.is_available()`)"
         )
     if _saved:
         return

@@ -219,7 +219,8 @@ def gather_full_grads(layer, pg_collection) -> dict[str, torch.Tensor]:
       - experts.*: the tokens every rank of this rank's EP x ETP group sent to the expert, which with
         DP or EDP > 1 spans several micro-batches.
     For a comparison with single-rank runs, call reduce_grads_like_megatron first: then every entry
-    is the sum, over all micro-batches of the world, of the single-rank gradients.
+    is the gradient of the sum of all ranks' losses; for a dropless layer, the sum of the single-rank
+    gradients over every micro-batch of the world.
     """
     grads = {}
     for slot in _slots(layer, pg_collection):
