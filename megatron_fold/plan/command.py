@@ -8,21 +8,23 @@ import time
 
 from megatron_fold.layout import FoldedLayout
 from megatron_fold.plan.cost import Choice, estimate
-from megatron_fold.plan.hardware import get_gpu
-from megatron_fold.plan.models import from_hf_config, get_model
-from megatron_fold.plan.search import model_admits, plan
+from megatron_fold.plan.hardware import GPUS, get_gpu
+from megatron_fold.plan.models import PRESETS, from_hf_config, get_model
+from megatron_fold.plan.search import batch_violations, is_coupled, model_violations, plan
 
 _LAYOUT_KEYS = {"tp", "cp", "pp", "vpp", "ep", "etp", "mbs"}
+# Groups whose placement the cost model reads, as `--layout` reports them.
+_PLACED = {"tp": "TP", "cp": "CP", "ep": "EP", "etp": "ETP", "pp": "PP", "dp_cp": "DP x CP", "edp": "EDP"}
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--model", help="preset: mixtral-8x7b, mixtral-8x22b, qwen2-57b-a14b, qwen3-30b-a3b, qwen3-235b-a22b")
+    p.add_argument("--model", help=f"preset: {', '.join(PRESETS)}")
     p.add_argument("--hf-config", help="a Hugging Face config.json (Mixtral, Qwen2-MoE, Qwen3-MoE)")
     p.add_argument("--gpus", type=int, required=True)
     p.add_argument("--gpus-per-node", type=int, default=8)
-    p.add_argument("--gpu", default="h100", help="h100, h200, a100, b200")
-    p.add_argument("--peak-tflops", type=float, help="override the preset's dense BF16 peak")
-    p.add_argument("--gpu-memory-gb", type=float, help="override the preset's memory")
+    p.add_argument("--gpu", default="h100", help=f"preset: {', '.join(GPUS)}")
+    p.add_argument("--peak-tflops", type=float, help="override the preset's dense BF16 peak (TFLOP/s)")
+    p.add_argument("--gpu-memory-gb", type=float, help="override the preset's memory (GB)")
     p.add_argument("--nvlink-gbs", type=float, help="override NVLink GB/s per GPU and direction")
     p.add_argument("--network-gbs", type=float, help="override network GB/s per GPU and direction")
     p.add_argument("--hbm-gbs", type=float, help="override the preset's memory bandwidth (GB/s)")
@@ -30,7 +32,7 @@ def add_arguments(p) -> None:
     p.add_argument("--global-batch", type=int, default=256)
     p.add_argument("--top", type=int, default=10)
     p.add_argument("--json", action="store_true")
-    p.add_argument("--no-fold", action="store_true", help="only coupled layouts (ETP = TP, EP inside DP x CP)")
+    p.add_argument("--no-fold", action="store_true", help="only coupled layouts, as before folding (ETP = TP, EP groups inside DP groups)")
     drop = p.add_mutually_exclusive_group()
     drop.add_argument("--capacity-factor", type=float, help="token dropping with this capacity factor")
     drop.add_argument("--dropless", action="store_true", help="dropless MoE (the default)")
@@ -65,13 +67,45 @@ def _header() -> str:
     return f"{'#':>3}  {'layout':<58} {'step':>9} {'tok/s/GPU':>8} {'TFLOP/s':>7} {'MFU':>6} {'mem GB':>6}  bottleneck"
 
 
-def _breakdown(est) -> str:
-    lines = [_header(), _row(1, est), "", "time per step:"]
+def _breakdown(est) -> list[str]:
+    lines = ["time per step:"]
     lines += [f"  {k:<16} {v:8.3f} s  ({100 * v / est.step_time_s:4.1f}%)" for k, v in est.time_s.items()]
-    lines += ["memory per GPU:"] + [f"  {k:<16} {v:8.2f} GB" for k, v in est.memory_gb.items()]
-    lines += [f"  {'total':<16} {est.memory_total_gb:8.2f} GB ({'fits' if est.fits else 'DOES NOT FIT'})"]
+    lines += [f"memory per GPU ({est.memory_stage} pipeline stage, the fuller one):"]
+    lines += [f"  {k:<16} {v:8.2f} GB" for k, v in est.memory_gb.items()]
+    lines += [f"  {'total':<16} {est.memory_total_gb:8.2f} GB"]
+    return lines
+
+
+def _placement(layout: FoldedLayout) -> str:
+    where = [f"{label} {'NVLink' if layout.intra_node(name) else 'network'}" for name, label in _PLACED.items()
+             if len(layout.groups(name)[0]) > 1]
+    return "links: " + (", ".join(where) if where else "none (one GPU)")
+
+
+def _as_dict(est) -> dict:
+    return est.to_dict() | {"coupled": is_coupled(est.choice.layout)}
+
+
+def _one_layout(args, model, gpu, cf) -> int:
+    spec = parse_layout(args.layout)
+    layout = FoldedLayout(args.gpus, tp=spec.get("tp", 1), cp=spec.get("cp", 1), pp=spec.get("pp", 1),
+                          ep=spec.get("ep", 1), etp=spec.get("etp"), gpus_per_node=args.gpus_per_node,
+                          num_experts=model.num_experts)
+    mbs, vpp = spec.get("mbs", 1), spec.get("vpp", 1)
+    problems = model_violations(model, args.seq_len, layout.tp, layout.cp, layout.pp, layout.ep, layout.etp)
+    problems += batch_violations(model, layout, args.global_batch, vpp, mbs)
+    if problems:
+        raise ValueError(f"{model.name} cannot train with --layout {args.layout}:\n"
+                         + "\n".join(f"  - {p}" for p in problems))
+    est = estimate(model, gpu, Choice(layout, vpp, mbs, spec["recompute"]), args.seq_len, args.global_batch, cf)
+    if args.json:
+        print(json.dumps(_as_dict(est), indent=1))
+        return 0
+    fits = "fits" if est.fits else f"DOES NOT FIT in {gpu.memory_gb:g} GB"
+    lines = [_header(), _row(1, est), "", _placement(layout) + f"; memory: {fits}", ""] + _breakdown(est)
     lines += ["", "Megatron-LM arguments: " + " ".join(est.megatron_args)]
-    return "\n".join(lines)
+    print("\n".join(lines))
+    return 0
 
 
 def run(args) -> int:
@@ -79,38 +113,33 @@ def run(args) -> int:
     gpu = get_gpu(args.gpu).with_overrides(peak_tflops=args.peak_tflops, memory_gb=args.gpu_memory_gb,
                                            nvlink_gbs=args.nvlink_gbs, network_gbs=args.network_gbs,
                                            hbm_gbs=args.hbm_gbs)
+    for flag, value in (("--peak-tflops", gpu.peak_tflops), ("--gpu-memory-gb", gpu.memory_gb),
+                        ("--nvlink-gbs", gpu.nvlink_gbs), ("--network-gbs", gpu.network_gbs),
+                        ("--hbm-gbs", gpu.hbm_gbs)):
+        if value <= 0:
+            raise ValueError(f"{flag} must be positive, got {value:g}")
     if args.capacity_factor is not None and args.capacity_factor <= 0:
         raise ValueError(f"--capacity-factor must be positive, got {args.capacity_factor}")
-    if args.gpus < 1 or args.global_batch < 1 or args.seq_len < 1:
-        raise ValueError("--gpus, --global-batch and --seq-len must be positive")
+    for flag, value in (("--gpus", args.gpus), ("--gpus-per-node", args.gpus_per_node),
+                        ("--global-batch", args.global_batch), ("--seq-len", args.seq_len), ("--top", args.top)):
+        if value < 1:
+            raise ValueError(f"{flag} must be positive, got {value}")
     cf = args.capacity_factor
-
     if args.layout:
-        spec = parse_layout(args.layout)
-        layout = FoldedLayout(args.gpus, tp=spec.get("tp", 1), cp=spec.get("cp", 1), pp=spec.get("pp", 1),
-                              ep=spec.get("ep", 1), etp=spec.get("etp"), gpus_per_node=args.gpus_per_node,
-                              num_experts=model.num_experts)
-        if not model_admits(model, args.seq_len, layout.tp, layout.cp, layout.pp, layout.ep, layout.etp):
-            raise ValueError(f"{model.name} does not admit {args.layout}: TP must divide heads {model.num_heads} and "
-                             f"query groups {model.num_query_groups}, ETP the expert FFN {model.moe_ffn}, PP the "
-                             f"{model.num_layers} layers, 2*CP and TP the sequence {args.seq_len}")
-        mbs, vpp = spec.get("mbs", 1), spec.get("vpp", 1)
-        if args.global_batch % (layout.dp * mbs):
-            raise ValueError(f"global batch {args.global_batch} is not divisible by DP {layout.dp} x micro-batch {mbs}")
-        if model.num_layers % (layout.pp * vpp):
-            raise ValueError(f"{model.num_layers} layers are not divisible by PP {layout.pp} x VPP {vpp}")
-        est = estimate(model, gpu, Choice(layout, vpp, mbs, spec["recompute"]), args.seq_len, args.global_batch, cf)
-        print(json.dumps(est.to_dict(), indent=1) if args.json else _breakdown(est))
-        return 0
+        return _one_layout(args, model, gpu, cf)
 
     start = time.perf_counter()
     ranked, evaluated = plan(model, gpu, args.gpus, args.gpus_per_node, args.seq_len, args.global_batch, cf,
                              no_fold=args.no_fold)
     elapsed = time.perf_counter() - start
     top = ranked[: args.top]
+    # The coupled layouts are a subset of the folded search: the best of them is what folding is
+    # measured against, with no second search.
+    coupled = next((e for e in ranked if is_coupled(e.choice.layout)), None)
     if args.json:
         print(json.dumps({"model": model.name, "gpu": gpu.name, "gpus": args.gpus, "evaluated": evaluated,
-                          "fitting": len(ranked), "results": [e.to_dict() for e in top]}, indent=1))
+                          "fitting": len(ranked), "seconds": elapsed, "results": [_as_dict(e) for e in top],
+                          "best_coupled": _as_dict(coupled) if coupled else None}, indent=1))
         return 0
     print(f"{model.name} ({model.total_params / 1e9:.1f}B params, {model.active_params / 1e9:.1f}B active) on "
           f"{args.gpus} x {gpu.name}, seq {args.seq_len}, global batch {args.global_batch}, "
@@ -119,5 +148,16 @@ def run(args) -> int:
     print(_header())
     for i, est in enumerate(top, 1):
         print(_row(i, est))
-    print("\nbest: " + " ".join(top[0].megatron_args))
+    best = top[0]
+    print("\nbest: " + best.choice.label() + "; " + _placement(best.choice.layout))
+    print("\n".join(_breakdown(best)))
+    if not args.no_fold:
+        if coupled is None:
+            print("\nno coupled layout (ETP = TP, EP inside DP) fits: only folding trains this model here")
+        elif coupled is best:
+            print("\nthe best layout is coupled: folding buys nothing for this model and cluster")
+        else:
+            print(f"\nbest coupled layout (no folding): {coupled.choice.label()}, {100 * coupled.mfu:.1f}% MFU; "
+                  f"the folded best is {coupled.step_time_s / best.step_time_s:.2f}x faster")
+    print("\nMegatron-LM arguments: " + " ".join(best.megatron_args))
     return 0

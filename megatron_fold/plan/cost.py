@@ -1,65 +1,87 @@
 """Cost model of one training step of a MoE model under a folded layout: memory per GPU and time.
 
-A first-order model meant to rank layouts, not to promise milliseconds. Notation: h hidden, a heads,
-g query groups, d head dim, F expert FFN, Fs shared-expert FFN, E experts, k top-k, V vocabulary,
-s sequence, b micro-batch, L layers, M micro-batches per step; TP t, CP c, PP p, VPP v, EP e, ETP u,
-DP, EDP. Tokens of one micro-batch on one GPU's attention side (sequence parallel): n = b*s/(t*c).
+A first-order model meant to rank layouts, not to promise milliseconds; docs/planner.md compares it
+with public MFU numbers. Notation: h hidden, a heads, g query groups, d head dim, F expert FFN,
+Fs shared-expert FFN, E experts, k top-k, V vocabulary, s sequence, b micro-batch, L layers,
+G global batch, M = G/(DP*b) micro-batches per step; TP t, CP c, PP p, VPP v, EP e, ETP u, DP, EDP.
+Tokens of one micro-batch on one GPU on the attention side (sequence parallelism is on whenever
+t > 1): n = b*s/(t*c). Rows reaching one GPU's experts: r = n*k*u*lf (the EP all-to-all spreads the
+n*k routed copies evenly, the ETP all-gather multiplies them by u), lf the load factor below.
 
-Memory per GPU (bytes), for the fullest pipeline stage (L/p layers, plus embedding or output layer):
-- weights bf16 2 B/param, gradients fp32 4 B/param (Megatron's main_grad buffers), distributed
-  optimizer (fp32 master + Adam m, v) 12 B/param sharded over DP x CP for dense parameters and over
-  EDP for expert parameters (Megatron's distributed optimizer; ZeRO-1 style);
-  dense parameters are split over t, expert parameters over e*u.
-- activations per layer and micro-batch (after Korthikanti et al. 2022, "Reducing Activation
-  Recomputation in Large Transformer Models", with flash attention so no s^2 term):
-    attention: 2 B * n * (2h + (a+2g)d + 2ad)
-    MoE:       2 B * (n*2h + r*(h + 3F/u) + n*3Fs),  r = n*k*u*lf rows reach a GPU's experts
-  where lf is the expert load factor (capacity factor when dropping, 1.2 for dropless: a straggler
-  expert receives 20% more than average); full recomputation keeps only the layer input (2 B * n*h)
-  plus one layer's activations. The first stage holds min(p, M) micro-batches in flight with 1F1B,
-  times (1 + (p-1)/(p*v)) with interleaving (Korthikanti et al. 2022). The last stage adds fp32 logits
-  4 B * n*t*V/t. Plus 3 GB for CUDA context, NCCL and workspace buffers.
+Memory per GPU (bytes), for the fuller of the first and the last pipeline stage (L/p layers each):
+- parameters (stage_params; equal to Megatron-Core's GPTModel rank by rank, tests/plan): dense
+  P_d = (L/p)*(linear layers/t + norms + router + shared-expert gate), plus the embedding V*h/t on the
+  first stage and the output layer V*h/t (a copy of the embedding when tied) and final norm on the
+  last; expert P_e = (L/p)*E*3*h*F/(e*u).
+- weights bf16 2*(P_d + P_e); gradients fp32 4*(P_d + P_e) (Megatron's main_grad buffers are not
+  sharded); distributed optimizer (fp32 master weights, Adam m and v) 12*P_d/(DP*c) + 12*P_e/EDP:
+  Megatron shards dense optimizer state over the DP x CP group and expert state over EDP.
+- activations per layer and micro-batch, after Korthikanti et al. 2022 ("Reducing Activation
+  Recomputation in Large Transformer Models", arXiv 2205.05198) with flash attention (no s^2 term):
+    attention 2*n*(2h + (a+2g)d + 2ad);  MoE 2*(2*n*h + r*(h + 3F/u) + 3*n*Fs)
+  Full recomputation (uniform, one layer per checkpoint) keeps 2*n*h per layer plus one layer's
+  activations during its backward.
+- micro-batches in flight on pipeline rank i, exactly as Megatron-Core's schedules count them
+  (`get_pp_rank_microbatches`): 1F1B keeps min(p - i, M); the interleaved schedule keeps
+  min(2(p-i-1) + (v-1)p + 1, M*v) model chunks of L/(p*v) layers each. Rank 0 therefore holds
+  p + (p-1)/v stage-equivalents, the (1 + (p-1)/(p*v)) factor of Korthikanti et al.
+- the last stage adds fp32 logits 4*n*t*V/t (the output layer gathers the sequence, splits V);
+  every GPU adds 3 GB for the CUDA context, NCCL buffers and allocator slack.
+- lf for memory: the capacity factor when dropping, DROPLESS_MEMORY_LOAD_FACTOR = 1.2 when dropless
+  (headroom for an expert receiving 20% more than its share).
 
-Time (per micro-batch and pipeline stage; training = forward + backward = 3x forward FLOPs, 4x with
-full recomputation; communication volumes of the backward equal the forward's):
-- GEMM FLOPs per GPU: attention 2*n*h*(a+2g)d + 2*n*h*a*d, experts r*6*h*F/u, shared expert 6*n*h*Fs,
-  router 2*n*h*E, logits 2*n*h*V (last stage); each at an achieved efficiency
-  eff(m) = 0.80 * m/(m + 128) of the GPU's dense BF16 peak, m the smallest GEMM dimension (expert
-  GEMMs get rows per local expert r/(E/e): more EP means taller GEMMs, ETP narrows them). Core
-  attention 2*b*s^2*a*d/(t*c) at 0.55 * B/(B + 512) of peak (flash attention, causal), B the block
-  length: s, or s/(2c) for ring attention's chunks under context parallelism. Elementwise work is bound
-  by memory bandwidth: 2 B * (r*(4h + 3F/u) + 10*n*h + 3*n*Fs) per layer (permute/unpermute, SwiGLU,
-  norms and residuals) at the GPU's HBM bandwidth.
-- TP (sequence parallel): all-gather + reduce-scatter per attention block and per shared expert, each
-  moving (t-1)*n*h*2 B per GPU. CP: ring exchange of K and V, (c-1)*(b*s/c)*2g*d/t*2 B, hidden behind
-  core attention (only the excess counts). EP: dispatch + combine all-to-all, each n*k*lf*(e-1)/e*h*2 B
-  per GPU. ETP: all-gather + reduce-scatter of the expert rows, (u-1)*n*k*lf*h*2 B each. PP: one
-  activation send per micro-batch, direction and virtual stage. Not overlapped with compute (the conservative
-  default of Megatron-Core 0.19 without --overlap-moe-expert-parallel-comm).
-- Each group's traffic uses NVLink when FoldedLayout places the whole group inside one node, otherwise
-  the network; an EP all-to-all spread over nodes takes max(intra bytes / NVLink, inter bytes / network).
-- Step: (M + (p-1)/v) * t_stage (1F1B bubble of (p-1)/v micro-batches), t_stage the slowest stage,
-  plus the data-parallel gradient reduce-scatter (fp32) and parameter all-gather (bf16) of the
-  distributed optimizer, (G-1)/G * params * 6 B over DP x CP (dense) and EDP (experts), of which only
-  what exceeds the last micro-batch's backward is exposed.
+Time per micro-batch and pipeline stage (training = forward + backward = 3x the forward FLOPs, 4x
+with full recomputation; each collective of the forward has a twin of equal size in the backward):
+- GEMM FLOPs per GPU: attention 2*n*h*(a+2g)d + 2*n*h*a*d, experts r*6*h*F/u, shared expert
+  6*n*h*Fs, router 2*n*h*E, logits 2*n*h*V (last stage), each at an achieved efficiency
+  eff(m) = GEMM_PEAK_EFFICIENCY * m/(m + 128) of the dense BF16 peak, m the GEMM's smallest
+  dimension: expert GEMMs get rows per local expert r/(E/e), so more EP makes them taller and more
+  ETP narrows them (F/u). Core attention 2*b*s^2*a*d/(t*c) (causal: half of the square) at
+  0.55 * B/(B + 512) of peak, B the block length (s, or s/(2c) for ring attention's chunks).
+- Elementwise work is bound by HBM bandwidth: 2*(r*(4h + 3F/u) + 10*n*h + 3*n*Fs) bytes per layer
+  (permute + unpermute of every expert row, SwiGLU, norms, residuals, rotary).
+- TP (sequence parallel): all-gather + reduce-scatter per attention block and per shared expert,
+  (t-1)*n*h*2 bytes each. CP: ring exchange of K and V, (c-1)*(b*s/c)*2*g*d/t*2 bytes, hidden behind
+  core attention (only the excess counts). EP: dispatch + combine all-to-all, n*k*lf*(e-1)/e*h*2
+  bytes each, split by where the peers are: max(on-node bytes / NVLink, off-node bytes / network).
+  ETP: all-gather + reduce-scatter of the expert rows, (u-1)*n*k*lf*h*2 bytes each. PP: one
+  [n, h] bf16 send per micro-batch, direction and virtual stage.
+- Bandwidth: NVLink when FoldedLayout places every group of that kind inside one node, else the
+  per-GPU network bandwidth (GPUSpec). Overlap: TP, EP, ETP and PP transfers are exposed (Megatron-Core
+  0.19 without --tp-comm-overlap or --overlap-moe-expert-parallel-comm); CP hides behind attention.
+- Step: (M + (p-1)/v) * t_stage (the 1F1B bubble is (p-1)/v stage times, Narayanan et al. 2021,
+  "Efficient Large-Scale Language Model Training on GPU Clusters", arXiv 2104.04473), t_stage the
+  last stage (the slowest: it adds the logits), plus the distributed optimizer's gradient
+  reduce-scatter (fp32) and parameter all-gather (bf16), (N-1)/N * 6 bytes per parameter over
+  DP x CP for dense and EDP for expert parameters, of which only what exceeds the last
+  micro-batch's backward is exposed (--overlap-grad-reduce, --overlap-param-gather).
+- lf for time: the capacity factor when dropping; DROPLESS_TIME_LOAD_FACTOR when dropless (the
+  slowest EP rank's extra load with a trained, aux-loss-balanced router, see the constant).
 - MFU = model FLOPs (3x forward, no recomputation, no load factor) / (step * GPUs * peak).
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 from megatron_fold.layout import FoldedLayout
 from megatron_fold.plan.hardware import GPUSpec
 from megatron_fold.plan.models import ModelSpec
 
-__all__ = ["Choice", "Estimate", "estimate", "model_flops_per_token", "DROPLESS_LOAD_FACTOR"]
+__all__ = ["Choice", "Estimate", "estimate", "memory_gb", "stage_params", "model_flops_per_token", "in_flight_microbatches",
+           "interleaving_violation", "DROPLESS_MEMORY_LOAD_FACTOR", "DROPLESS_TIME_LOAD_FACTOR"]
 
-GEMM_PEAK_EFFICIENCY = 0.80
+# Calibrated once against the two Megatron-MoE-ModelZoo Mixtral 8x22B runs of docs/planner.md
+# (dropless 455 and capacity-factor-1.0 470 TFLOP/s on 128 H100s): the balanced run sets the GEMM
+# efficiency, the ratio of the two sets the dropless straggler load. Every other row there is a
+# prediction, not a fit.
+GEMM_PEAK_EFFICIENCY = 0.72
 GEMM_HALF_EFFICIENCY_DIM = 128
 ATTENTION_EFFICIENCY = 0.55
 ATTENTION_HALF_EFFICIENCY_BLOCK = 512
-DROPLESS_LOAD_FACTOR = 1.2
+DROPLESS_TIME_LOAD_FACTOR = 1.05
+DROPLESS_MEMORY_LOAD_FACTOR = 1.2
 RUNTIME_OVERHEAD_GB = 3.0
 GB = 1e9
 
@@ -78,15 +100,24 @@ class Choice:
         return (f"TP{l.tp} CP{l.cp} PP{l.pp} VPP{self.vpp} EP{l.ep} ETP{l.etp} DP{l.dp} EDP{l.edp} "
                 f"mbs{self.micro_batch}{' recompute' if self.recompute else ''}")
 
-    def megatron_args(self, global_batch: int, num_layers: int) -> list[str]:
-        args = self.layout.megatron_args() + [f"--micro-batch-size={self.micro_batch}",
-                                              f"--global-batch-size={global_batch}"]
+    def megatron_args(self, m: ModelSpec, seq: int, global_batch: int, capacity_factor: float | None) -> list[str]:
+        """Megatron-LM arguments that reproduce this choice and the cost model's assumptions."""
+        args = self.layout.megatron_args() + [
+            f"--micro-batch-size={self.micro_batch}", f"--global-batch-size={global_batch}",
+            f"--seq-length={seq}",
+            # The model assumes these: sharded optimizer state, overlapped data-parallel traffic,
+            # and the all-to-all dispatcher's traffic (Megatron's default dispatcher is allgather).
+            "--use-distributed-optimizer", "--overlap-grad-reduce", "--overlap-param-gather",
+            "--moe-token-dispatcher-type=alltoall",
+        ]
         if self.vpp > 1:
-            args.append(f"--num-layers-per-virtual-pipeline-stage={num_layers // (self.layout.pp * self.vpp)}")
+            args.append(f"--num-layers-per-virtual-pipeline-stage={m.num_layers // (self.layout.pp * self.vpp)}")
         if self.layout.tp > 1:
             args.append("--sequence-parallel")
         if self.recompute:
             args += ["--recompute-granularity=full", "--recompute-method=uniform", "--recompute-num-layers=1"]
+        if capacity_factor is not None:
+            args.append(f"--moe-expert-capacity-factor={capacity_factor:g}")
         return args
 
 
@@ -97,7 +128,8 @@ class Estimate:
     tokens_per_s_per_gpu: float
     tflops_per_gpu: float
     mfu: float
-    memory_gb: dict[str, float]
+    memory_gb: dict[str, float]  # of the fuller pipeline stage
+    memory_stage: str  # "first" or "last"
     time_s: dict[str, float]  # per-step seconds by component
     fits: bool
     megatron_args: list[str] = field(default_factory=list)
@@ -118,8 +150,8 @@ class Estimate:
                        "recompute": self.choice.recompute},
             "step_time_s": self.step_time_s, "tokens_per_s_per_gpu": self.tokens_per_s_per_gpu,
             "tflops_per_gpu": self.tflops_per_gpu, "mfu": self.mfu, "memory_gb": self.memory_gb,
-            "memory_total_gb": self.memory_total_gb, "time_s": self.time_s, "bottleneck": self.bottleneck,
-            "fits": self.fits, "megatron_args": self.megatron_args,
+            "memory_stage": self.memory_stage, "memory_total_gb": self.memory_total_gb, "time_s": self.time_s,
+            "bottleneck": self.bottleneck, "fits": self.fits, "megatron_args": self.megatron_args,
         }
 
 
@@ -130,99 +162,174 @@ def model_flops_per_token(m: ModelSpec, seq: int) -> float:
                  + 2 * seq * m.num_heads * m.head_dim
                  + 6 * m.hidden * m.moe_ffn * m.topk
                  + 6 * m.hidden * m.shared_expert_ffn
+                 + (2 * m.hidden if m.shared_expert_gate else 0)
                  + 2 * m.hidden * m.num_experts)
     return m.num_layers * per_layer + 2 * m.hidden * m.vocab
+
+
+def in_flight_microbatches(p: int, v: int, M: int, rank: int) -> float:
+    """Micro-batches whose activations pipeline rank `rank` holds at its peak, in units of a whole
+    stage (L/p layers): Megatron-Core's warm-up count plus the one in its first 1F1B step."""
+    if p == 1:
+        return 1.0  # forward_backward_no_pipelining: one micro-batch at a time
+    if v == 1:
+        return float(min(p - rank, M))
+    chunks = min(2 * (p - rank - 1) + (v - 1) * p + 1, M * v)
+    return chunks / v
+
+
+def interleaving_violation(p: int, v: int, M: int) -> str | None:
+    """Why Megatron-Core refuses this interleaved schedule, or None. With the default
+    microbatch_group_size_per_vp_stage = PP, schedules.py requires M >= PP and M % PP == 0."""
+    if v == 1:
+        return None
+    if p == 1:
+        return f"virtual pipeline stages (VPP {v}) need PP > 1"
+    if M % p:
+        return (f"the interleaved schedule needs the number of micro-batches per step ({M}) to be a "
+                f"multiple of PP {p}")
+    return None
+
+
+@dataclass(frozen=True)
+class _Placement:
+    """Which groups FoldedLayout keeps inside a node, and how many EP peers share rank 0's node."""
+
+    intra: dict
+    ep_peers_on_node: int
+
+
+@functools.lru_cache(maxsize=8192)
+def _placement(layout: FoldedLayout) -> _Placement:
+    # Placement depends only on the layout: computed once, reused for every VPP / micro-batch /
+    # recompute choice and every GPU preset (the search evaluates dozens of choices per layout).
+    # Asking FoldedLayout enumerates every group over every rank, the search's main cost at 1,024
+    # GPUs; a group of one rank is trivially inside a node and one larger than a node cannot be.
+    sizes = {"tp": layout.tp, "cp": layout.cp, "pp": layout.pp, "etp": layout.etp,
+             "dp_cp": layout.dp * layout.cp, "edp": layout.edp}
+    gpn = layout.gpus_per_node
+    intra = {name: size == 1 or (size <= gpn and layout.intra_node(name)) for name, size in sizes.items()}
+    peers = 0
+    if layout.ep > 1:
+        group = layout.groups("ep")[0]  # the group holding rank 0
+        peers = sum(1 for r in group if layout.node_of(r) == layout.node_of(0)) - 1
+    return _Placement(intra, peers)
 
 
 def _eff(smallest_dim: float) -> float:
     return GEMM_PEAK_EFFICIENCY * smallest_dim / (smallest_dim + GEMM_HALF_EFFICIENCY_DIM)
 
 
-def _bw(layout: FoldedLayout, group: str, gpu: GPUSpec) -> float:
-    return (gpu.nvlink_gbs if layout.intra_node(group) else gpu.network_gbs) * GB
+def stage_params(m: ModelSpec, layout: FoldedLayout, stage: int) -> tuple[float, float]:
+    """(dense, expert) parameters on one GPU of pipeline stage `stage`, exactly as Megatron-Core builds
+    them: TP splits the linear layers and the vocabulary, EP x ETP the experts; norms, router and
+    shared-expert gate are whole on every TP rank; the first stage holds the embedding, the last the
+    output layer (a copy of the embedding when tied) and the final norm."""
+    t, p = layout.tp, layout.pp
+    layers = m.num_layers // p
+    repl = m.tp_replicated_params_per_layer
+    dense = layers * ((m.attention_params_per_layer + m.dense_moe_params_per_layer - repl) / t + repl)
+    if stage == 0:
+        dense += m.embedding_params / t
+    if stage == p - 1:
+        dense += m.hidden  # final norm
+        if m.untied_embeddings or p > 1:
+            dense += m.embedding_params / t  # output layer: its own weights, or the tied copy
+    return dense, layers * m.expert_params_per_layer / (layout.ep * layout.etp)
 
 
-def _ep_all_to_all_time(layout: FoldedLayout, nbytes: float, gpu: GPUSpec) -> float:
-    """Bytes sent to EP peers, split by where the peers are (rank 0's group is representative)."""
-    if layout.ep == 1 or nbytes == 0:
-        return 0.0
-    group = layout.group_of("ep", 0)
-    same_node = sum(1 for r in group if layout.node_of(r) == layout.node_of(0)) - 1
-    intra = nbytes * same_node / (layout.ep - 1)
-    inter = nbytes - intra
-    return max(intra / (gpu.nvlink_gbs * GB), inter / (gpu.network_gbs * GB))
+def memory_gb(m: ModelSpec, choice: Choice, seq: int, global_batch: int,
+              capacity_factor: float | None) -> tuple[str, dict[str, float]]:
+    """(fuller stage, its memory per GPU by kind). Needs no placement: the search calls it first and
+    estimates time only for choices that fit."""
+    l, v, b = choice.layout, choice.vpp, choice.micro_batch
+    M = global_batch // (l.dp * b)
+    lf = capacity_factor if capacity_factor is not None else DROPLESS_MEMORY_LOAD_FACTOR
+    t, c, p, e, u = l.tp, l.cp, l.pp, l.ep, l.etp
+    layers = m.num_layers // p
+    n = b * seq / (t * c)
+    rows = n * m.topk * u * lf
+    h, F, Fs = m.hidden, m.moe_ffn, m.shared_expert_ffn
+    qkv_width = (m.num_heads + 2 * m.num_query_groups) * m.head_dim
+
+    experts = stage_params(m, l, 0)[1]
+    per_layer = (2 * n * (2 * h + qkv_width + 2 * m.num_heads * m.head_dim)
+                 + 2 * (2 * n * h + rows * (h + 3 * F / u) + 3 * n * Fs))
+    logits = 4 * n * t * m.vocab / t
+
+    stages = {}
+    for name, rank in (("first", 0), ("last", p - 1)):
+        dense = stage_params(m, l, rank)[0]
+        flight = in_flight_microbatches(p, v, M, rank)
+        if choice.recompute:
+            acts = 2 * n * h * layers * flight + per_layer
+        else:
+            acts = per_layer * layers * flight
+        if rank == p - 1:
+            acts += logits
+        stages[name] = {
+            "weights": 2 * (dense + experts) / GB,
+            "gradients": 4 * (dense + experts) / GB,
+            "optimizer": 12 * (dense / (l.dp * c) + experts / l.edp) / GB,
+            "activations": acts / GB,
+            "runtime": RUNTIME_OVERHEAD_GB,
+        }
+    name = max(stages, key=lambda k: sum(stages[k].values()))
+    return name, stages[name]
 
 
 def estimate(m: ModelSpec, gpu: GPUSpec, choice: Choice, seq: int, global_batch: int,
-             capacity_factor: float | None) -> Estimate:
+             capacity_factor: float | None, memory: tuple[str, dict[str, float]] | None = None) -> Estimate:
+    """Time, throughput and memory of one choice; `memory` is memory_gb's answer when already known."""
     l, v, b = choice.layout, choice.vpp, choice.micro_batch
     t, c, p, e, u = l.tp, l.cp, l.pp, l.ep, l.etp
     M = global_batch // (l.dp * b)
     layers = m.num_layers // p
     n = b * seq / (t * c)
-    lf = capacity_factor if capacity_factor is not None else DROPLESS_LOAD_FACTOR
-    rows = n * m.topk * u * lf  # expert rows on one GPU per micro-batch and layer
     h, F, Fs = m.hidden, m.moe_ffn, m.shared_expert_ffn
     qkv_width = (m.num_heads + 2 * m.num_query_groups) * m.head_dim
 
-    # ---- memory ---------------------------------------------------------------------------------------
-    dense_layer = m.attention_params_per_layer + m.dense_moe_params_per_layer
-    first = layers * dense_layer / t + m.embedding_params / t
-    last = layers * dense_layer / t + (m.output_params if m.untied_embeddings else m.embedding_params) / t + h
-    dense = max(first, last)
-    experts = layers * m.expert_params_per_layer / (e * u)
-    act_attn = 2 * n * (2 * h + qkv_width + 2 * m.num_heads * m.head_dim)
-    act_moe = 2 * (n * 2 * h + rows * (h + 3 * F / u) + n * 3 * Fs)
-    per_layer = act_attn + act_moe
-    in_flight = min(p, M) * ((1 + (p - 1) / (p * v)) if v > 1 else 1)
-    if choice.recompute:
-        acts = 2 * n * h * layers * in_flight + per_layer
-    else:
-        acts = per_layer * layers * in_flight
-    logits = 4 * n * t * m.vocab / t
-    memory_gb = {
-        "weights": 2 * (dense + experts) / GB,
-        "gradients": 4 * (dense + experts) / GB,
-        "optimizer": 12 * (dense / (l.dp * c) + experts / l.edp) / GB,
-        "activations": (acts + logits) / GB,
-        "runtime": RUNTIME_OVERHEAD_GB,
-    }
-    fits = sum(memory_gb.values()) <= gpu.memory_gb
+    memory_stage, memory = memory or memory_gb(m, choice, seq, global_batch, capacity_factor)
+    fits = sum(memory.values()) <= gpu.memory_gb
 
     # ---- compute --------------------------------------------------------------------------------------
+    lf = capacity_factor if capacity_factor is not None else DROPLESS_TIME_LOAD_FACTOR
+    rows = n * m.topk * u * lf  # expert rows on one GPU per micro-batch and layer
     peak = gpu.peak_tflops * 1e12
-    mult = 4 if choice.recompute else 3
     attn_gemm = (2 * n * h * qkv_width / _eff(min(n * t, qkv_width / t, h))
                  + 2 * n * h * m.num_heads * m.head_dim / _eff(min(n * t, h, m.num_heads * m.head_dim / t)))
     rows_per_expert = rows / (m.num_experts / e)
-    expert_gemm = rows * 6 * h * F / u / _eff(min(rows_per_expert, F / u, h)) if rows_per_expert else 0.0
+    expert_gemm = rows * 6 * h * F / u / _eff(min(rows_per_expert, F / u, h))
     shared_gemm = 6 * n * h * Fs / _eff(min(n * t, Fs / t, h)) if Fs else 0.0
     router = 2 * n * h * m.num_experts / _eff(min(n, m.num_experts, h))
     # Ring attention works on 2*CP chunks of the sequence: shorter blocks run less efficiently.
     block = seq if c == 1 else seq / (2 * c)
     attn_eff = ATTENTION_EFFICIENCY * block / (block + ATTENTION_HALF_EFFICIENCY_BLOCK)
     core_attn_s = 2 * b * seq * seq * m.num_heads * m.head_dim / (t * c) / (attn_eff * peak)
-    # Memory-bound elementwise work per layer: permute + unpermute of every expert row (read + write),
-    # SwiGLU (read 2F/u, write F/u), and ~10 passes over the layer's tokens (norms, residuals, rotary).
-    elementwise_bytes = 2 * (rows * (4 * h + 3 * F / u) + 10 * n * h + (3 * n * Fs if Fs else 0))
-    layer_compute_s = (attn_gemm + expert_gemm + shared_gemm + router) / peak + core_attn_s \
-        + elementwise_bytes / (gpu.hbm_gbs * GB)
+    elementwise_bytes = 2 * (rows * (4 * h + 3 * F / u) + 10 * n * h + 3 * n * Fs)
+    layer_compute_s = ((attn_gemm + expert_gemm + shared_gemm + router) / peak + core_attn_s
+                       + elementwise_bytes / (gpu.hbm_gbs * GB))
     logits_s = 2 * n * h * m.vocab / _eff(min(n * t, m.vocab / t, h)) / peak
 
     # ---- communication per layer and micro-batch (forward volume; x passes) ---------------------------
+    place = _placement(l)
+
+    def bw(group: str) -> float:
+        return (gpu.nvlink_gbs if place.intra[group] else gpu.network_gbs) * GB
+
     passes = 3 if choice.recompute else 2  # forward (+ recomputed forward) + backward
-    tp_bytes = (t - 1) * n * h * 2 * (2 + (2 if Fs else 0))
-    tp_s = tp_bytes / _bw(l, "tp", gpu) if t > 1 else 0.0
+    tp_s = (t - 1) * n * h * 2 * (2 + (2 if Fs else 0)) / bw("tp")
     cp_bytes = (c - 1) * (b * seq / c) * 2 * m.num_query_groups * m.head_dim / t * 2
-    cp_s = max(0.0, cp_bytes / _bw(l, "cp", gpu) - core_attn_s) if c > 1 else 0.0
-    ep_s = 2 * _ep_all_to_all_time(l, n * m.topk * lf * (e - 1) / e * h * 2, gpu)
-    etp_s = 2 * (u - 1) * n * m.topk * lf * h * 2 / _bw(l, "etp", gpu) if u > 1 else 0.0
-    # Interleaving multiplies the stage boundaries a micro-batch crosses by v.
-    pp_s = (v * n * h * 2 / (gpu.network_gbs * GB)) if p > 1 else 0.0
+    cp_s = max(0.0, cp_bytes / bw("cp") - core_attn_s)
+    ep_bytes = n * m.topk * lf * (e - 1) / e * h * 2
+    ep_intra = ep_bytes * place.ep_peers_on_node / (e - 1) if e > 1 else 0.0
+    ep_s = 2 * max(ep_intra / (gpu.nvlink_gbs * GB), (ep_bytes - ep_intra) / (gpu.network_gbs * GB))
+    etp_s = 2 * (u - 1) * n * m.topk * lf * h * 2 / bw("etp")
+    pp_s = v * n * h * 2 / bw("pp") if p > 1 else 0.0  # interleaving crosses v times more boundaries
 
     stage = {
         # forward once, backward twice (x3); full recomputation adds one forward of the layers (x4)
-        "compute": layers * layer_compute_s * mult + logits_s * 3,
+        "compute": layers * layer_compute_s * (4 if choice.recompute else 3) + logits_s * 3,
         "tp_comm": layers * tp_s * passes,
         "cp_comm": layers * cp_s * passes,
         "ep_comm": layers * ep_s * passes,
@@ -230,13 +337,15 @@ def estimate(m: ModelSpec, gpu: GPUSpec, choice: Choice, seq: int, global_batch:
         "pp_comm": 2 * pp_s,
     }
     t_stage = sum(stage.values())
-    bubble_s = (p - 1) / v * t_stage
-    dp_bytes = 6 * (dense * (l.dp * c - 1) / (l.dp * c) + experts * (l.edp - 1) / l.edp)
-    dp_group_bw = min(_bw(l, "dp_cp", gpu), _bw(l, "edp", gpu))
-    dp_exposed = max(0.0, dp_bytes / dp_group_bw - stage["compute"] * 2 / 3)
+
+    # ---- data parallelism (distributed optimizer), overlapped with the last backward -------------------
+    dense_params, expert_params = stage_params(m, l, p - 1)  # the last stage: the step waits for it
+    dp_s = (6 * dense_params * (l.dp * c - 1) / (l.dp * c) / bw("dp_cp")
+            + 6 * expert_params * (l.edp - 1) / l.edp / bw("edp"))
+    dp_exposed = max(0.0, dp_s - stage["compute"] * 2 / 3)
 
     time_s = {k: M * val for k, val in stage.items()}
-    time_s["pipeline_bubble"] = bubble_s
+    time_s["pipeline_bubble"] = (p - 1) / v * t_stage
     time_s["dp_comm_exposed"] = dp_exposed
     step = sum(time_s.values())
 
@@ -246,6 +355,6 @@ def estimate(m: ModelSpec, gpu: GPUSpec, choice: Choice, seq: int, global_batch:
     return Estimate(
         choice=choice, step_time_s=step, tokens_per_s_per_gpu=tokens / step / world,
         tflops_per_gpu=flops / step / world / 1e12, mfu=flops / (step * world * peak),
-        memory_gb=memory_gb, time_s=time_s, fits=fits,
-        megatron_args=choice.megatron_args(global_batch, m.num_layers),
+        memory_gb=memory, memory_stage=memory_stage, time_s=time_s, fits=fits,
+        megatron_args=choice.megatron_args(m, seq, global_batch, capacity_factor),
     )

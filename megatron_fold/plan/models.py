@@ -49,6 +49,13 @@ class ModelSpec:
         return self.hidden + self.num_experts * self.hidden + shared + gate
 
     @property
+    def tp_replicated_params_per_layer(self) -> int:
+        """Per-layer dense parameters every TP rank holds whole (Megatron splits only the linear layers):
+        the two norms, the q/k norms, the router and the shared-expert gate."""
+        return (2 * self.hidden + (2 * self.head_dim if self.qk_layernorm else 0) + self.num_experts * self.hidden
+                + (self.hidden if self.shared_expert_gate else 0))
+
+    @property
     def expert_params_per_layer(self) -> int:
         return self.num_experts * 3 * self.hidden * self.moe_ffn  # SwiGLU: fc1 [2F, H] + fc2 [H, F]
 
@@ -114,11 +121,26 @@ def from_hf_config(path: str) -> ModelSpec:
     family = cfg.get("model_type")
     if family not in _FAMILIES:
         raise ValueError(f"{path}: model_type {family!r} is not supported; supported: {', '.join(_FAMILIES)}")
-    need = ["hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "num_experts_per_tok"]
-    need += ["intermediate_size", "num_local_experts"] if family == "mixtral" else ["moe_intermediate_size", "num_experts"]
+    # Fields whose Transformers default differs between families (or from what we would guess) are
+    # required rather than defaulted: a wrong head or expert count silently changes the whole plan.
+    need = ["hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size",
+            "num_experts_per_tok"]
+    need += {"mixtral": ["intermediate_size", "num_local_experts"],
+             "qwen2_moe": ["moe_intermediate_size", "num_experts", "shared_expert_intermediate_size"],
+             "qwen3_moe": ["moe_intermediate_size", "num_experts", "head_dim"]}[family]
     missing = [k for k in need if k not in cfg]
     if missing:
         raise ValueError(f"{path}: {family} config is missing {', '.join(missing)}")
+    bad = [f"{k}={cfg[k]!r}" for k in need if k != "shared_expert_intermediate_size"
+           and (not isinstance(cfg[k], int) or isinstance(cfg[k], bool) or cfg[k] < 1)]
+    if bad:
+        raise ValueError(f"{path}: these fields must be positive integers: {', '.join(bad)}")
+    experts = cfg["num_local_experts"] if family == "mixtral" else cfg["num_experts"]
+    if cfg["num_experts_per_tok"] > experts:
+        raise ValueError(f"{path}: num_experts_per_tok {cfg['num_experts_per_tok']} exceeds the {experts} experts")
+    if not cfg.get("head_dim") and cfg["hidden_size"] % cfg["num_attention_heads"]:
+        raise ValueError(f"{path}: no head_dim, and hidden_size {cfg['hidden_size']} is not divisible by "
+                         f"num_attention_heads {cfg['num_attention_heads']}")
     if family != "mixtral" and (cfg.get("decoder_sparse_step", 1) != 1 or cfg.get("mlp_only_layers")):
         raise ValueError(f"{path}: layers without MoE (decoder_sparse_step / mlp_only_layers) are not modelled")
     heads = cfg["num_attention_heads"]
@@ -127,14 +149,14 @@ def from_hf_config(path: str) -> ModelSpec:
         num_layers=cfg["num_hidden_layers"],
         hidden=cfg["hidden_size"],
         num_heads=heads,
-        num_query_groups=cfg.get("num_key_value_heads", heads),
+        num_query_groups=cfg["num_key_value_heads"],
         head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
         moe_ffn=cfg["intermediate_size"] if family == "mixtral" else cfg["moe_intermediate_size"],
-        num_experts=cfg["num_local_experts"] if family == "mixtral" else cfg["num_experts"],
+        num_experts=experts,
         topk=cfg["num_experts_per_tok"],
         vocab=cfg["vocab_size"],
-        shared_expert_ffn=cfg.get("shared_expert_intermediate_size", 0) if family == "qwen2_moe" else 0,
-        shared_expert_gate=family == "qwen2_moe" and cfg.get("shared_expert_intermediate_size", 0) > 0,
+        shared_expert_ffn=cfg["shared_expert_intermediate_size"] if family == "qwen2_moe" else 0,
+        shared_expert_gate=family == "qwen2_moe" and cfg["shared_expert_intermediate_size"] > 0,
         qkv_bias=family == "qwen2_moe",
         qk_layernorm=family == "qwen3_moe",
         untied_embeddings=not cfg.get("tie_word_embeddings", False),

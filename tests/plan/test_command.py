@@ -7,6 +7,11 @@ import sys
 import pytest
 
 from megatron_fold.cli import main
+from megatron_fold.layout import FoldedLayout
+from megatron_fold.plan.cost import Choice, estimate
+from megatron_fold.plan.hardware import get_gpu
+from megatron_fold.plan.models import get_model
+from megatron_fold.plan.search import plan
 
 
 def run(capsys, *argv):
@@ -18,19 +23,49 @@ def run(capsys, *argv):
 def test_json_ranks_fitting_layouts(capsys):
     rc, out, _ = run(capsys, "--model", "mixtral-8x7b", "--gpus", "32", "--top", "4", "--json")
     data = json.loads(out)
-    assert rc == 0 and len(data["results"]) == 4
+    assert rc == 0 and len(data["results"]) == 4 and data["fitting"] >= 4
     times = [r["step_time_s"] for r in data["results"]]
     assert times == sorted(times)
     best = data["results"][0]
     assert best["fits"] and best["memory_total_gb"] <= 80
-    assert f"--expert-tensor-parallel-size={best['layout']['etp']}" in best["megatron_args"]
+    assert best["memory_total_gb"] == pytest.approx(sum(best["memory_gb"].values()))
+    layout = best["layout"]
+    for flag, key in [("tensor-model-parallel-size", "tp"), ("expert-tensor-parallel-size", "etp"),
+                      ("expert-model-parallel-size", "ep"), ("pipeline-model-parallel-size", "pp"),
+                      ("context-parallel-size", "cp"), ("micro-batch-size", "micro_batch")]:
+        assert f"--{flag}={layout[key]}" in best["megatron_args"]
+    coupled = data["best_coupled"]
+    assert coupled["coupled"] and coupled["step_time_s"] >= best["step_time_s"]
 
 
-def test_one_layout_breakdown(capsys):
-    rc, out, _ = run(capsys, "--model", "mixtral-8x22b", "--gpus", "128", "--layout", "tp2,pp8,ep8,etp1")
+def test_one_layout_breakdown_matches_the_cost_model(capsys):
+    rc, out, _ = run(capsys, "--model", "mixtral-8x22b", "--gpus", "128", "--layout", "tp2,pp8,ep8,etp1,vpp7")
     assert rc == 0
-    assert "time per step:" in out and "ep_comm" in out and "memory per GPU:" in out
-    assert "--tensor-model-parallel-size=2" in out and "--expert-model-parallel-size=8" in out
+    est = estimate(get_model("mixtral-8x22b"), get_gpu("h100"),
+                   Choice(FoldedLayout(128, tp=2, pp=8, ep=8, etp=1, num_experts=8), vpp=7), 4096, 256, None)
+    for part, seconds in est.time_s.items():
+        assert f"{part:<16} {seconds:8.3f} s" in out
+    for part, gb in est.memory_gb.items():
+        assert f"{part:<16} {gb:8.2f} GB" in out
+    assert "links: TP NVLink, EP NVLink, PP network" in out
+    assert ("--tensor-model-parallel-size=2 --context-parallel-size=1 --pipeline-model-parallel-size=8 "
+            "--expert-model-parallel-size=8 --expert-tensor-parallel-size=1") in out
+    assert "--num-layers-per-virtual-pipeline-stage=1" in out and "--sequence-parallel" in out
+
+
+def test_text_plan_compares_with_the_best_coupled_layout(capsys):
+    rc, out, _ = run(capsys, "--model", "qwen2-57b-a14b", "--gpus", "64", "--top", "3")
+    rc_coupled, out_coupled, _ = run(capsys, "--model", "qwen2-57b-a14b", "--gpus", "64", "--top", "1", "--no-fold")
+    assert rc == rc_coupled == 0
+    best_coupled = plan(get_model("qwen2-57b-a14b"), get_gpu("h100"), 64, 8, 4096, 256, None, no_fold=True)[0][0]
+    assert f"best coupled layout (no folding): {best_coupled.choice.label()}, {100 * best_coupled.mfu:.1f}% MFU" in out
+    assert "coupled layouts only" in out_coupled and best_coupled.choice.label() in out_coupled
+
+
+def test_capacity_factor_reaches_megatron_args(capsys):
+    rc, out, _ = run(capsys, "--model", "mixtral-8x7b", "--gpus", "64", "--top", "1", "--json",
+                     "--capacity-factor", "1.25")
+    assert rc == 0 and "--moe-expert-capacity-factor=1.25" in json.loads(out)["results"][0]["megatron_args"]
 
 
 def test_hf_config(tmp_path, capsys):
@@ -46,12 +81,19 @@ def test_hf_config(tmp_path, capsys):
 @pytest.mark.parametrize("argv,message", [
     (["--model", "gpt-5", "--gpus", "8"], "unknown model 'gpt-5'; presets: mixtral-8x7b"),
     (["--model", "mixtral-8x7b", "--gpus", "8", "--gpu", "tpu"], "unknown GPU 'tpu'"),
-    (["--model", "mixtral-8x22b", "--gpus", "2"], "none of the"),
-    (["--model", "mixtral-8x7b", "--gpus", "7", "--gpus-per-node", "7"], "fits in 80 GB"),
+    (["--model", "mixtral-8x22b", "--gpus", "8"], "none of the 5386 layouts of mixtral-8x22b on 8 h100 GPUs fits"),
+    (["--model", "mixtral-8x7b", "--gpus", "7", "--gpus-per-node", "7"],
+     "global batch 256 is not divisible by the data-parallel size of any of the 2 layouts"),
     (["--model", "mixtral-8x7b", "--gpus", "64", "--layout", "tp3,ep8"], "TP values that fit"),
+    (["--model", "mixtral-8x7b", "--gpus", "64", "--layout", "tp16,ep4"],
+     "TP 16 must divide the 32 attention heads and 8 query groups; TP values that fit: [1, 2, 4, 8]"),
+    (["--model", "mixtral-8x7b", "--gpus", "64", "--global-batch", "24", "--layout", "tp2,pp4,vpp2,ep8"],
+     "micro-batches per step (3) to be a multiple of PP 4"),
     (["--model", "mixtral-8x7b", "--gpus", "64", "--layout", "tp2,pq8"], "cannot read 'pq8'"),
     (["--gpus", "8"], "pass exactly one of --model or --hf-config"),
     (["--model", "mixtral-8x7b", "--gpus", "8", "--capacity-factor", "0"], "must be positive"),
+    (["--model", "mixtral-8x7b", "--gpus", "0"], "--gpus must be positive, got 0"),
+    (["--model", "mixtral-8x7b", "--gpus", "8", "--network-gbs", "-1"], "--network-gbs must be positive"),
 ])
 def test_bad_input_exits_2(capsys, argv, message):
     rc, _, err = run(capsys, *argv)
@@ -69,3 +111,10 @@ def test_command_line_exit_status_without_traceback():
     proc = subprocess.run([sys.executable, "-m", "megatron_fold.cli", "plan", "--model", "nope", "--gpus", "8"],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "unknown model 'nope'" in proc.stderr
+
+
+def test_plan_imports_neither_torch_nor_megatron():
+    code = ("import sys; from megatron_fold.cli import main; main(['plan', '--model', 'mixtral-8x7b', '--gpus', "
+            "'16', '--top', '1']); print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'megatron')))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("[]")

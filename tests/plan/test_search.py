@@ -1,4 +1,4 @@
-"""The planner's search and cost model: exhaustive against brute force, and monotone where physics is."""
+"""The planner's search: exhaustive against brute force, and ranking properties that physics demands."""
 
 import itertools
 
@@ -8,84 +8,125 @@ from megatron_fold.layout import FoldedLayout, LayoutError
 from megatron_fold.plan.cost import Choice, estimate
 from megatron_fold.plan.hardware import get_gpu
 from megatron_fold.plan.models import get_model
-from megatron_fold.plan.search import candidate_layouts, plan
+from megatron_fold.plan.search import candidate_choices, candidate_layouts, is_coupled, plan
 
 
 def _brute_force(model, world, gpn, seq):
-    """Every 5-tuple of sizes 1..world through FoldedLayout, filtered by the model's divisibility rules
-    written out independently of search.model_admits."""
+    """Every 5-tuple of sizes 1..world that FoldedLayout accepts, filtered by the model's rules written
+    out independently of search.model_violations."""
     found = set()
-    sizes = range(1, world + 1)
-    for tp, cp, pp, ep, etp in itertools.product(sizes, repeat=5):
-        if tp > gpn or etp > gpn or tp * cp * pp > world or etp * ep * pp > world:
-            continue
+    # Every tuple whose grids are no larger than the world (FoldedLayout refuses the others anyway).
+    tuples = ((tp, cp, pp, ep, etp) for tp in range(1, world + 1) for cp in range(1, world // tp + 1)
+              for pp in range(1, world // (tp * cp) + 1) for ep in range(1, world // pp + 1)
+              for etp in range(1, world // (ep * pp) + 1))
+    for tp, cp, pp, ep, etp in tuples:
         try:
             FoldedLayout(world, tp=tp, cp=cp, pp=pp, ep=ep, etp=etp, gpus_per_node=gpn, num_experts=model.num_experts)
         except LayoutError:
             continue
         heads_ok = model.num_heads % tp == 0 and model.num_query_groups % tp == 0
+        shared_ok = model.shared_expert_ffn % tp == 0
         seq_ok = (cp == 1 or seq % (2 * cp) == 0) and (seq // cp) % tp == 0
-        if heads_ok and seq_ok and model.moe_ffn % etp == 0 and model.num_layers % pp == 0:
+        if heads_ok and shared_ok and seq_ok and model.moe_ffn % etp == 0 and model.num_layers % pp == 0:
             found.add((tp, cp, pp, ep, etp))
     return found
 
 
-@pytest.mark.parametrize("model,world", [("mixtral-8x7b", 16), ("qwen2-57b-a14b", 24), ("qwen3-30b-a3b", 12)])
-def test_search_visits_exactly_the_brute_force_layouts(model, world):
+@pytest.mark.parametrize("model,world,gpn,seq", [("mixtral-8x7b", 16, 8, 4096), ("qwen2-57b-a14b", 24, 8, 4096),
+                                                 ("qwen3-30b-a3b", 12, 4, 4096), ("mixtral-8x22b", 16, 4, 96)])
+def test_search_visits_exactly_the_brute_force_layouts(model, world, gpn, seq):
     m = get_model(model)
-    visited = {(l.tp, l.cp, l.pp, l.ep, l.etp) for l in candidate_layouts(m, world, 8, 4096)}
-    assert visited == _brute_force(m, world, 8, 4096)
-    assert visited  # and the case is not vacuous
+    visited = [(l.tp, l.cp, l.pp, l.ep, l.etp) for l in candidate_layouts(m, world, gpn, seq)]
+    assert len(visited) == len(set(visited))  # each once
+    expected = _brute_force(m, world, gpn, seq)
+    assert set(visited) == expected
+    if gpn == 4:  # TP or ETP groups larger than a node are valid, slow, and searched all the same
+        assert any(tp > gpn or etp > gpn for tp, _, _, _, etp in expected)
 
 
-def test_no_fold_is_a_subset_of_coupled_layouts():
+def test_choices_are_exactly_the_batch_and_schedule_rules():
+    """Every (VPP, micro-batch, recompute) Megatron-LM accepts: the micro-batch divides G/DP, PP x VPP
+    divides the layers, and interleaving needs the micro-batch count to be a multiple of PP."""
+    m = get_model("mixtral-8x7b")  # 32 layers
+    G = 96
+    for layout in candidate_layouts(m, 16, 8, 4096):
+        got = {(c.vpp, c.micro_batch, c.recompute) for c in candidate_choices(m, layout, G)}
+        want = set()
+        for vpp, mbs, recompute in itertools.product(range(1, 33), range(1, G + 1), (False, True)):
+            if G % (layout.dp * mbs) or m.num_layers % (layout.pp * vpp):
+                continue
+            M = G // (layout.dp * mbs)
+            if vpp > 1 and (layout.pp == 1 or M % layout.pp):
+                continue
+            want.add((vpp, mbs, recompute))
+        assert got == want, layout
+
+
+def test_no_fold_results_are_a_subset_of_coupled_layouts():
     m = get_model("mixtral-8x7b")
     folded = {(l.tp, l.cp, l.pp, l.ep, l.etp) for l in candidate_layouts(m, 64, 8, 4096)}
     coupled = candidate_layouts(m, 64, 8, 4096, no_fold=True)
     assert {(l.tp, l.cp, l.pp, l.ep, l.etp) for l in coupled} < folded
-    assert all(l.etp == l.tp and (l.dp * l.cp) % l.ep == 0 for l in coupled)
+    for l in coupled:
+        # Coupled, as before folding: ETP = TP and each EP group is a subset of one DP group.
+        dp_groups = [set(g) for g in l.groups("dp")]
+        assert l.etp == l.tp and all(any(set(g) <= d for d in dp_groups) for g in l.groups("ep"))
+    # ... and every layout left out breaks that rule.
+    for l in candidate_layouts(m, 64, 8, 4096):
+        if (l.tp, l.cp, l.pp, l.ep, l.etp) not in {(c.tp, c.cp, c.pp, c.ep, c.etp) for c in coupled}:
+            assert not is_coupled(l)
     ranked_fold, _ = plan(m, get_gpu("h100"), 64, 8, 4096, 256, None)
     ranked_coupled, _ = plan(m, get_gpu("h100"), 64, 8, 4096, 256, None, no_fold=True)
-    assert {e.choice for e in ranked_coupled} <= {e.choice for e in ranked_fold}
+    assert {e.choice for e in ranked_coupled} < {e.choice for e in ranked_fold}
     assert ranked_fold[0].step_time_s <= ranked_coupled[0].step_time_s
 
 
 def _some_choices(m, world):
+    out = []
     layouts = candidate_layouts(m, world, 8, 4096)
-    return [Choice(l, vpp=1, micro_batch=1, recompute=r) for l in layouts[:: max(1, len(layouts) // 40)]
-            for r in (False, True) if 256 % l.dp == 0]
+    for layout in layouts[:: max(1, len(layouts) // 40)]:
+        out += list(candidate_choices(m, layout, 256))[::7]
+    return out
 
 
 def test_faster_links_never_slow_a_layout_down():
     m = get_model("qwen2-57b-a14b")
     slow = get_gpu("h100")
     faster = [slow.with_overrides(nvlink_gbs=900.0), slow.with_overrides(network_gbs=100.0),
-              slow.with_overrides(nvlink_gbs=900.0, network_gbs=200.0)]
-    for choice in _some_choices(m, 64):
+              slow.with_overrides(nvlink_gbs=900.0, network_gbs=200.0), slow.with_overrides(hbm_gbs=4800.0)]
+    choices = _some_choices(m, 64)
+    assert len(choices) > 50 and any(c.layout.pp > 1 and c.vpp > 1 for c in choices)
+    for choice in choices:
         base = estimate(m, slow, choice, 4096, 256, None).step_time_s
         for gpu in faster:
-            assert estimate(m, gpu, choice, 4096, 256, None).step_time_s <= base + 1e-12, choice.label()
+            assert estimate(m, gpu, choice, 4096, 256, None).step_time_s <= base * (1 + 1e-12), choice.label()
 
 
 def test_more_gpus_for_the_same_layout_never_raise_memory():
     m = get_model("mixtral-8x7b")
     gpu = get_gpu("h100")
-    for tp, pp, ep, etp in [(2, 4, 8, 1), (1, 2, 4, 2), (4, 1, 8, 1)]:
+    for tp, cp, pp, ep, etp, vpp, recompute in [(2, 1, 4, 8, 1, 1, False), (1, 2, 2, 4, 2, 2, True),
+                                               (4, 1, 1, 8, 1, 1, False), (1, 1, 8, 8, 1, 4, False)]:
         previous = None
-        for world in (64, 128, 256, 512):  # same TP/PP/EP/ETP: more data parallelism
-            layout = FoldedLayout(world, tp=tp, pp=pp, ep=ep, etp=etp, num_experts=m.num_experts)
-            mem = estimate(m, gpu, Choice(layout), 4096, 512, None).memory_total_gb
+        for world in (64, 128, 256, 512):  # the same TP/CP/PP/EP/ETP: more data parallelism
+            layout = FoldedLayout(world, tp=tp, cp=cp, pp=pp, ep=ep, etp=etp, num_experts=m.num_experts)
+            mem = estimate(m, gpu, Choice(layout, vpp=vpp, recompute=recompute), 4096, 4096, None).memory_total_gb
             assert previous is None or mem <= previous + 1e-9
             previous = mem
 
 
 def test_layouts_over_the_memory_limit_are_never_ranked():
-    m = get_model("mixtral-8x22b")
-    small = get_gpu("h100").with_overrides(memory_gb=60.0)
-    ranked, evaluated = plan(m, small, 128, 8, 4096, 256, None)
+    m = get_model("qwen2-57b-a14b")
+    small = get_gpu("h100").with_overrides(memory_gb=40.0)
+    ranked, evaluated = plan(m, small, 32, 8, 4096, 256, None)
     assert ranked and len(ranked) < evaluated
-    assert all(e.fits and e.memory_total_gb <= 60.0 for e in ranked)
+    assert all(e.fits and e.memory_total_gb <= 40.0 for e in ranked)
     assert [e.step_time_s for e in ranked] == sorted(e.step_time_s for e in ranked)
+    # Each choice left out really does not fit: the fitting set is exactly the estimates that fit.
+    every = [estimate(m, small, c, 4096, 256, None) for l in candidate_layouts(m, 32, 8, 4096)
+             for c in candidate_choices(m, l, 256)]
+    assert len(every) == evaluated
+    assert {e.choice for e in ranked} == {e.choice for e in every if e.memory_total_gb <= 40.0}
 
 
 def test_mfu_is_consistent_with_throughput():
