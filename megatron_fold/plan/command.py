@@ -144,7 +144,8 @@ def run(args) -> int:
     print(f"{model.name} ({model.total_params / 1e9:.1f}B params, {model.active_params / 1e9:.1f}B active) on "
           f"{args.gpus} x {gpu.name}, seq {args.seq_len}, global batch {args.global_batch}, "
           f"{'dropless' if cf is None else f'capacity factor {cf:g}'}{', coupled layouts only' if args.no_fold else ''}")
-    print(f"{evaluated} layouts evaluated, {len(ranked)} fit in {gpu.memory_gb:g} GB, {elapsed:.2f} s\n")
+    print(f"{evaluated} choices (layout x VPP x micro-batch x recompute) evaluated, {len(ranked)} fit in "
+          f"{gpu.memory_gb:g} GB, {elapsed:.2f} s\n")
     print(_header())
     for i, est in enumerate(top, 1):
         print(_row(i, est))
@@ -158,6 +159,6 @@ def run(args) -> int:
             print("\nthe best layout is coupled: folding buys nothing for this model and cluster")
         else:
             print(f"\nbest coupled layout (no folding): {coupled.choice.label()}, {100 * coupled.mfu:.1f}% MFU; "
-                  f"the folded best is {coupled.step_time_s / best.step_time_s:.2f}x faster")
+                  f"the folded best is {100 * (coupled.step_time_s / best.step_time_s - 1):.1f}% faster")
     print("\nMegatron-LM arguments: " + " ".join(best.megatron_args))
     return 0

@@ -124,3 +124,13 @@ def test_capacity_factor_replaces_both_load_factors():
     t_dropless = estimate(m, get_gpu("h100"), choice, 4096, 256, None).time_s
     t_cf = estimate(m, get_gpu("h100"), choice, 4096, 256, DROPLESS_TIME_LOAD_FACTOR).time_s
     assert t_dropless == t_cf
+
+
+def test_published_ordering_ep8_tp1_beats_ep4_tp2_for_mixtral_8x7b():
+    """Megatron-Core MoE README, "Performance Best Practice": "In practice, EP8TP1 is better than EP4TP2
+    for 8x7B" (its reference mapping: 64 GPUs, PP 4, VPP 8, micro-batch 1, global batch 256)."""
+    m = get_model("mixtral-8x7b")
+    gpu = get_gpu("h100")
+    ep8_tp1 = Choice(FoldedLayout(64, tp=1, pp=4, ep=8, etp=1, num_experts=8), vpp=8)
+    ep4_tp2 = Choice(FoldedLayout(64, tp=2, pp=4, ep=4, etp=2, num_experts=8), vpp=8)
+    assert estimate(m, gpu, ep8_tp1, 4096, 256, None).step_time_s < estimate(m, gpu, ep4_tp2, 4096, 256, None).step_time_s
