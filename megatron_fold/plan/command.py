@@ -32,7 +32,8 @@ def add_arguments(p) -> None:
     p.add_argument("--global-batch", type=int, default=256)
     p.add_argument("--top", type=int, default=10)
     p.add_argument("--json", action="store_true")
-    p.add_argument("--no-fold", action="store_true", help="only coupled layouts, as before folding (ETP = TP, EP groups inside DP groups)")
+    p.add_argument("--no-fold", action="store_true",
+                   help="only coupled layouts, as before folding (ETP = TP, EP groups inside DP groups)")
     drop = p.add_mutually_exclusive_group()
     drop.add_argument("--capacity-factor", type=float, help="token dropping with this capacity factor")
     drop.add_argument("--dropless", action="store_true", help="dropless MoE (the default)")
@@ -143,7 +144,8 @@ def run(args) -> int:
         return 0
     print(f"{model.name} ({model.total_params / 1e9:.1f}B params, {model.active_params / 1e9:.1f}B active) on "
           f"{args.gpus} x {gpu.name}, seq {args.seq_len}, global batch {args.global_batch}, "
-          f"{'dropless' if cf is None else f'capacity factor {cf:g}'}{', coupled layouts only' if args.no_fold else ''}")
+          f"{'dropless' if cf is None else f'capacity factor {cf:g}'}"
+          f"{', coupled layouts only' if args.no_fold else ''}")
     print(f"{evaluated} choices (layout x VPP x micro-batch x recompute) evaluated, {len(ranked)} fit in "
           f"{gpu.memory_gb:g} GB, {elapsed:.2f} s\n")
     print(_header())

@@ -69,8 +69,9 @@ from megatron_fold.layout import FoldedLayout
 from megatron_fold.plan.hardware import GPUSpec
 from megatron_fold.plan.models import ModelSpec
 
-__all__ = ["Choice", "Estimate", "estimate", "memory_gb", "stage_params", "model_flops_per_token", "in_flight_microbatches",
-           "interleaving_violation", "DROPLESS_MEMORY_LOAD_FACTOR", "DROPLESS_TIME_LOAD_FACTOR"]
+__all__ = ["Choice", "Estimate", "estimate", "memory_gb", "stage_params", "model_flops_per_token",
+           "in_flight_microbatches", "interleaving_violation", "DROPLESS_MEMORY_LOAD_FACTOR",
+           "DROPLESS_TIME_LOAD_FACTOR"]
 
 # Calibrated once against the two Megatron-MoE-ModelZoo Mixtral 8x22B runs of docs/planner.md
 # (TP2 PP8 VPP7 EP8 ETP1 on 128 H100s: 455 TFLOP/s dropless, 470 with capacity factor 1.0): the

@@ -105,7 +105,8 @@ def get_model(name: str) -> ModelSpec:
     try:
         return PRESETS[name]
     except KeyError:
-        raise ValueError(f"unknown model {name!r}; presets: {', '.join(PRESETS)} (or pass --hf-config config.json)") from None
+        raise ValueError(f"unknown model {name!r}; presets: {', '.join(PRESETS)} "
+                         "(or pass --hf-config config.json)") from None
 
 
 _FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe")

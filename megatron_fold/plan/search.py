@@ -17,7 +17,8 @@ from megatron_fold.plan.cost import Choice, Estimate, estimate, interleaving_vio
 from megatron_fold.plan.hardware import GPUSpec
 from megatron_fold.plan.models import ModelSpec
 
-__all__ = ["model_violations", "model_admits", "is_coupled", "batch_violations", "candidate_layouts", "candidate_choices", "plan"]
+__all__ = ["model_violations", "model_admits", "is_coupled", "batch_violations", "candidate_layouts",
+           "candidate_choices", "plan"]
 
 
 def _divisors(n: int) -> list[int]:
@@ -70,7 +71,8 @@ def is_coupled(layout: FoldedLayout) -> bool:
     return all(len({dp_of[rank] for rank in group}) == 1 for group in layout.groups("ep"))
 
 
-def candidate_layouts(m: ModelSpec, world: int, gpus_per_node: int, seq: int, no_fold: bool = False) -> list[FoldedLayout]:
+def candidate_layouts(m: ModelSpec, world: int, gpus_per_node: int, seq: int,
+                      no_fold: bool = False) -> list[FoldedLayout]:
     """Every FoldedLayout of `world` GPUs the model admits (no_fold: only the coupled ones, is_coupled)."""
     out = []
     ds = _divisors(world)
