@@ -10,34 +10,46 @@
 """
 
 import contextlib
+import functools
+import inspect
 import math
-import os
-import tempfile
 
 import pytest
 import torch
-import torch.distributed as dist
 from megatron.core.transformer.moe.moe_logging import destroy_moe_metrics_tracker, get_moe_metrics_tracker
 from megatron.core.transformer.moe.router import TopKRouter
 
 from megatron_fold import FoldedLayout, parallel_state
 from megatron_fold.router import FoldRouter, NonFiniteRouterScores
 from tests import moe_reference as ref
+from tests.multirank import run_on_ranks
 
 S, B, H = 12, 3, 16
 
 
-# ---- one gloo rank in this process, and a guard on torch.cuda ------------------------------------------
+# ---- one forked gloo rank per test, and a guard on torch.cuda -----------------------------------------
 
-@pytest.fixture(scope="module")
-def pgs():
-    with tempfile.TemporaryDirectory(prefix="mfold-router-") as tmp:
-        dist.init_process_group("gloo", store=dist.FileStore(os.path.join(tmp, "store"), 1), rank=0, world_size=1)
-        try:
-            yield parallel_state.initialize_model_parallel(FoldedLayout(1))
-        finally:
-            parallel_state.destroy_model_parallel()
-            dist.destroy_process_group()
+def on_one_rank(test):
+    """Run the test body on a forked world-size-1 gloo rank with Megatron's parallel state, as
+    test(pgs=ProcessGroupCollection, **fixtures). The pytest process itself must stay free of process
+    groups and Megatron state: after Megatron's initialize/destroy_model_parallel in the parent, later
+    forked multi-rank tests hang in group creation."""
+    signature = inspect.signature(test)
+
+    @functools.wraps(test)
+    def run(**kwargs):
+        run_on_ranks(_one_rank, 1, test, kwargs, timeout=60)
+
+    run.__signature__ = signature.replace(parameters=[p for n, p in signature.parameters.items() if n != "pgs"])
+    return run
+
+
+def _one_rank(rank, world_size, test, kwargs):
+    pgs = parallel_state.initialize_model_parallel(FoldedLayout(1))
+    try:
+        test(pgs=pgs, **kwargs)
+    finally:
+        parallel_state.destroy_model_parallel()
 
 
 class CudaGuard:
@@ -161,6 +173,7 @@ FEATURES = {
 
 
 @pytest.mark.parametrize("feature", list(FEATURES))
+@on_one_rank
 def test_feature_equals_upstream(pgs, cuda, feature):
     config = _config(**FEATURES[feature])
     weights = _weights(config)
@@ -185,6 +198,7 @@ def test_feature_equals_upstream(pgs, cuda, feature):
         assert upstream["logged"], "the loss under test was not logged: the comparison would be vacuous"
 
 
+@on_one_rank
 def test_expert_bias_counts_skip_padding(pgs, cuda):
     """Upstream's count fails to broadcast a padding mask ([tokens, E] & [tokens]); ours masks rows."""
     config = _config(moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True)
@@ -197,6 +211,29 @@ def test_expert_bias_counts_skip_padding(pgs, cuda):
     assert expected.sum() == (S * B - 3) * config.moe_router_topk  # closed form: valid tokens x top-k
 
 
+@pytest.mark.parametrize("scope", ["subsequence", "sequence"])
+@on_one_rank
+def test_token_counts_skip_padding(pgs, cuda, scope):
+    """Padding tokens compete for capacity (as upstream) but are not counted as routed or kept."""
+    config = _config(moe_expert_capacity_factor=0.5)
+    weights = _weights(config)
+    x, r = _inputs(8)
+    mask = _padding_mask()
+    router = _load(FoldRouter(config, pg_collection=pgs, drop_scope=scope), weights)
+    dropless = _load(FoldRouter(_config(), pg_collection=pgs), weights)
+    routed = _run(dropless, x, r, mask)["map"]
+    kept = _run(router, x, r, mask)["map"]
+    unmasked = _run(_load(FoldRouter(config, pg_collection=pgs, drop_scope=scope), weights), x, r)["map"]
+    assert torch.equal(kept, unmasked)  # the mask does not change which tokens are dropped
+    valid = ~mask.reshape(-1, 1)
+    assert torch.equal(router.last_tokens_per_expert, (kept & valid).sum(dim=0))
+    assert torch.equal(router.last_tokens_per_expert_before_drop, (routed & valid).sum(dim=0))
+    assert router.last_tokens_per_expert_before_drop.sum() == (S * B - 3) * 2  # valid tokens x top-k
+    assert router.last_dropped_fraction.item() == pytest.approx(
+        1 - (kept & valid).sum().item() / (routed & valid).sum().item(), abs=1e-12)
+
+
+@on_one_rank
 def test_pad_to_capacity_returns_the_dropped_map(pgs, cuda):
     """Upstream returns the capacity mask (zero-probability tokens fill each expert); we return the
     dropped map and leave the padding to the dispatcher. Probabilities and gradients are the same."""
@@ -247,6 +284,7 @@ DROPS = [("probs", 1, 8, 0.5), ("probs", 2, 8, 1.0), ("probs", 2, 64, 2.0), ("pr
 @pytest.mark.parametrize("scope", ["subsequence", "sequence"])
 @pytest.mark.parametrize("tied", [False, True], ids=["random", "exact-ties"])
 @pytest.mark.parametrize("policy,topk,experts,cf", DROPS, ids=[f"{p}-top{k}-e{e}-cf{c}" for p, k, e, c in DROPS])
+@on_one_rank
 def test_dropping_equals_brute_force(pgs, cuda, scope, tied, policy, topk, experts, cf):
     routing = dict(num_moe_experts=experts, moe_router_topk=topk, moe_router_pre_softmax=topk == 1)
     config = _config(**routing, moe_expert_capacity_factor=cf, moe_token_drop_policy=policy)
@@ -274,11 +312,13 @@ def test_dropping_equals_brute_force(pgs, cuda, scope, tied, policy, topk, exper
     # Metrics: closed form from the maps.
     assert torch.equal(router.last_tokens_per_expert, expected.sum(dim=0))
     assert torch.equal(router.last_tokens_per_expert_before_drop, routed.sum(dim=0))
-    assert router.last_dropped_fraction.item() == pytest.approx(1 - expected.sum().item() / routed.sum().item(), abs=1e-12)
+    fraction = 1 - expected.sum().item() / routed.sum().item()
+    assert router.last_dropped_fraction.item() == pytest.approx(fraction, abs=1e-12)
     assert torch.equal(dropless.last_tokens_per_expert, routed.sum(dim=0))
     assert dropless.last_dropped_fraction.item() == 0.0
 
 
+@on_one_rank
 def test_position_policy_against_upstream(pgs, cuda):
     """Upstream keeps as many tokens per expert as we do; which ones is up to torch.topk over a 0/1 map
     (on CPU not the earliest), so only the counts and the kept-within-routed property are compared."""
@@ -297,6 +337,7 @@ def test_position_policy_against_upstream(pgs, cuda):
 
 # ---- checks ---------------------------------------------------------------------------------------------
 
+@on_one_rank
 def test_non_finite_logits_name_the_layer(pgs, cuda):
     config = _config()
     x = _inputs(8)[0]
@@ -317,13 +358,17 @@ def test_non_finite_logits_name_the_layer(pgs, cuda):
 BAD = {
     "no-groups": (dict(), dict(pg_collection=None), "needs the folded ProcessGroupCollection"),
     "fusion": (dict(moe_router_fusion=True), {}, "moe_router_fusion=True needs Transformer Engine"),
-    "quantile": (dict(moe_router_load_balancing_type="quantile_balancing"), {}, "'quantile_balancing' is not supported"),
-    "force-balance": (dict(moe_router_force_load_balancing=True), {}, "moe_router_force_load_balancing draws random"),
-    "scope": (dict(), dict(drop_scope="document"), "unknown drop scope 'document'; choose one of: subsequence, sequence"),
+    "quantile": (dict(moe_router_load_balancing_type="quantile_balancing"), {},
+                 "'quantile_balancing' is not supported"),
+    "force-balance": (dict(moe_router_force_load_balancing=True), {},
+                      "moe_router_force_load_balancing draws random"),
+    "scope": (dict(), dict(drop_scope="document"),
+              "unknown drop scope 'document'; choose one of: subsequence, sequence"),
 }
 
 
 @pytest.mark.parametrize("case", list(BAD))
+@on_one_rank
 def test_bad_construction_is_explained(pgs, cuda, case):
     overrides, kwargs, message = BAD[case]
     kwargs = {"pg_collection": pgs, **kwargs}
@@ -331,6 +376,7 @@ def test_bad_construction_is_explained(pgs, cuda, case):
         FoldRouter(_config(**overrides), **kwargs)
 
 
+@on_one_rank
 def test_bad_input_shape_is_explained(pgs, cuda):
     router = _load(FoldRouter(_config(), pg_collection=pgs), _weights(_config()))
     with pytest.raises(ValueError, match=r"MoE layer 1: FoldRouter expects hidden states \[seq_local, batch, "

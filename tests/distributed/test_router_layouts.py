@@ -32,7 +32,8 @@ CASES = {  # name: (reference, config overrides); every case drops tokens with s
                                             moe_aux_loss_coeff=0.1, moe_z_loss_coeff=0.01)),
     "position-top1-e64-seq-aux": ("replica", dict(num_moe_experts=64, moe_router_topk=1, moe_router_pre_softmax=True,
                                                   moe_expert_capacity_factor=1.0, moe_token_drop_policy="position",
-                                                  moe_router_load_balancing_type="seq_aux_loss", moe_aux_loss_coeff=0.1)),
+                                                  moe_router_load_balancing_type="seq_aux_loss",
+                                                  moe_aux_loss_coeff=0.1)),
     "probs-top1-e64": ("replica", dict(num_moe_experts=64, moe_router_topk=1, moe_router_pre_softmax=True,
                                        moe_expert_capacity_factor=2.0)),
     "position-top2-e8": ("replica", dict(moe_expert_capacity_factor=0.5, moe_token_drop_policy="position")),
@@ -291,8 +292,8 @@ def test_subsequence_token_counts_sum_the_replica(single):
             assert torch.equal(results[r][1], kept), r
             assert torch.equal(results[r][2], single["probs-top2-e8-exact-ties"][d]["counts"][0]), r
     # The sequence scope keeps a different set: the two scopes really differ on this input.
-    assert any(not torch.equal(results[r][1], single["probs-top2-e8-exact-ties"][layout.rank_coords(r)["dp"]]["counts"][1])
-               for r in range(8))
+    sequence_kept = single["probs-top2-e8-exact-ties"]
+    assert any(not torch.equal(results[r][1], sequence_kept[layout.rank_coords(r)["dp"]]["counts"][1]) for r in range(8))
 
 
 def _one_rank_nan(rank, world_size):
