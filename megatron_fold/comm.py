@@ -286,25 +286,23 @@ def all_to_all_v(tensors, send_splits: list[int], recv_splits: list[int], group,
     return out[0] if single else list(out)
 
 
+def _dual_v(forward, backward, name: str, tensors, sizes: list[int], group, counter: CommCounter | None):
+    """Run `forward` (with `backward` as its gradient) on one tensor or a list; size-1 groups skip autograd."""
+    single, tensors = _as_list(tensors)
+    if dist.get_world_size(group) == 1:
+        out = forward(tensors, list(sizes), group)
+    else:
+        out = _DualCollective.apply(forward, backward, name, list(sizes), group, counter, *tensors)
+    return out[0] if single else list(out)
+
+
 def all_gather_v(tensors, sizes: list[int], group, counter: CommCounter | None = None):
     """Concatenate every rank's rows in group-rank order; rank i contributes sizes[i] rows.
     Backward: reduce_scatter_v of the gradient."""
-    single, tensors = _as_list(tensors)
-    if dist.get_world_size(group) == 1:
-        out = all_gather_rows(tensors, list(sizes), group)
-    else:
-        out = _DualCollective.apply(all_gather_rows, reduce_scatter_rows, "all_gather_v", list(sizes), group,
-                                    counter, *tensors)
-    return out[0] if single else list(out)
+    return _dual_v(all_gather_rows, reduce_scatter_rows, "all_gather_v", tensors, sizes, group, counter)
 
 
 def reduce_scatter_v(tensors, sizes: list[int], group, counter: CommCounter | None = None):
     """Sum [sum(sizes), ...] over the group; rank i keeps its sizes[i] rows of the sum.
     Backward: all_gather_v of the gradient."""
-    single, tensors = _as_list(tensors)
-    if dist.get_world_size(group) == 1:
-        out = reduce_scatter_rows(tensors, list(sizes), group)
-    else:
-        out = _DualCollective.apply(reduce_scatter_rows, all_gather_rows, "reduce_scatter_v", list(sizes), group,
-                                    counter, *tensors)
-    return out[0] if single else list(out)
+    return _dual_v(reduce_scatter_rows, all_gather_rows, "reduce_scatter_v", tensors, sizes, group, counter)

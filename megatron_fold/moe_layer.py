@@ -115,8 +115,9 @@ class FoldMoELayer(MoELayer):
     def metrics(self) -> MoELayerMetrics:
         """Routing and communication of the latest forward (+ backward, once it has run).
 
-        Reducing the token counts over TP x CP is a collective: call it on every rank of that group
-        (e.g. at logging steps); it is not counted among the layer's collectives.
+        No collective: the router reduced its token counts over TP x CP during the forward (one
+        all-reduce of 2*E counts, counted under "router.all_reduce_token_counts"; none with sequence
+        scope, whose gather already holds them). Reading the counts synchronises with the device.
         """
         calls, sent = {}, {}
         for source, counter in (("router", self.router.comm_counter), ("dispatcher", self.token_dispatcher.comm_counter)):
