@@ -115,9 +115,10 @@ class FoldMoELayer(MoELayer):
     def metrics(self) -> MoELayerMetrics:
         """Routing and communication of the latest forward (+ backward, once it has run).
 
-        No collective: the router reduced its token counts over TP x CP during the forward (one
-        all-reduce of 2*E counts, counted under "router.all_reduce_token_counts"; none with sequence
-        scope, whose gather already holds them). Reading the counts synchronises with the device.
+        The first call after a forward all-reduces 2*E token counts over TP x CP (none with sequence
+        scope, whose gather already holds them): call it on every rank of that group, e.g. at logging
+        steps. That logging collective is not among the counted `collectives`, which describe the
+        training path.
         """
         calls, sent = {}, {}
         for source, counter in (("router", self.router.comm_counter), ("dispatcher", self.token_dispatcher.comm_counter)):

@@ -37,10 +37,13 @@ Like upstream, padding tokens (padding_mask) compete for capacity; they are excl
 counts, the expert-bias counts and the aux losses. Upstream's expert-bias count with a padding mask
 fails to broadcast ([tokens, E] & [tokens]); ours masks rows.
 
-Metrics, refreshed by every forward (detached; layout-invariant with sequence scope):
+Metrics of the latest forward (detached; layout-invariant with sequence scope):
 `last_tokens_per_expert` and `last_tokens_per_expert_before_drop` ([E] int64, the layer's whole input,
 i.e. summed over the token group), `last_dropped_fraction` (0-d float64 tensor, no host sync).
-Sequence scope derives them from the gathered keys; otherwise one all-reduce of 2*E counts.
+Sequence scope derives them from the keys it gathered anyway. Otherwise the forward keeps this rank's
+counts and the first read after it all-reduces 2*E counts over the token group (TP x CP): metrics are
+for logging steps, so the training path pays no collective for them (as upstream, which reduces its
+token counts only when it logs). Such a read is a collective: make it on every rank of that group.
 """
 
 from __future__ import annotations
@@ -114,9 +117,8 @@ class FoldRouter(TopKRouter):
         self.comm_counter = CommCounter()
         self._member_coords: list[tuple[int, int]] | None = None  # (seq tp rank, cp rank) per token-group rank
 
-        self.last_tokens_per_expert: torch.Tensor | None = None  # [E] int64, after dropping
-        self.last_tokens_per_expert_before_drop: torch.Tensor | None = None  # [E] int64
-        self.last_dropped_fraction: torch.Tensor | None = None  # [] float64
+        self._counts: torch.Tensor | None = None  # [2, E] int64: routed, kept (padding excluded)
+        self._counts_reduced = False  # whether _counts already cover the whole token group
 
     def _register_buffer_over_attribute(self, name: str, value: torch.Tensor, persistent: bool) -> None:
         delattr(self, name)  # upstream set it to None as a plain attribute
@@ -223,33 +225,49 @@ class FoldRouter(TopKRouter):
 
     def _record_token_counts(self, routed: torch.Tensor, kept: torch.Tensor, padding_mask: torch.Tensor | None,
                              gathered_counts: torch.Tensor | None) -> None:
-        """Tokens per expert over the token group's whole input, before and after dropping."""
+        """Keep tokens per expert before and after dropping; reduced over the token group when first read."""
         with torch.no_grad():
-            counts = gathered_counts  # [2, E] from the sequence-scope gather (padding included)
-            if counts is None or padding_mask is not None:
-                if padding_mask is not None:
-                    valid = ~padding_mask.unsqueeze(-1)  # [S*B, 1]
-                    routed, kept = routed & valid, kept & valid
-                counts = torch.stack([routed.sum(dim=0), kept.sum(dim=0)])  # [2, E] int64
-                if dist.get_world_size(self.token_group) > 1:
-                    dist.all_reduce(counts, group=self.token_group)
-                    self.comm_counter.record("all_reduce_token_counts", counts.numel() * counts.element_size())
-            before, after = counts[0], counts[1]
-            routed_total = before.sum().to(torch.float64)
-            self.last_tokens_per_expert_before_drop = before
-            self.last_tokens_per_expert = after
-            self.last_dropped_fraction = torch.where(
-                routed_total > 0, 1.0 - after.sum().to(torch.float64) / routed_total.clamp(min=1.0),
-                torch.zeros_like(routed_total))
+            if gathered_counts is not None and padding_mask is None:
+                # [2, E] from the sequence-scope gather: already the token group's whole input.
+                self._counts, self._counts_reduced = gathered_counts, True
+                return
+            if padding_mask is not None:
+                valid = ~padding_mask.unsqueeze(-1)  # [S*B, 1]
+                routed, kept = routed & valid, kept & valid
+            self._counts = torch.stack([routed.sum(dim=0), kept.sum(dim=0)])  # [2, E] int64, this rank's rows
+            self._counts_reduced = dist.get_world_size(self.token_group) == 1
+
+    def _reduced_counts(self) -> torch.Tensor:
+        """[2, E] counts over the token group; the first call after a forward all-reduces them."""
+        if self._counts is None:
+            raise RuntimeError(f"MoE layer {self.layer_number}: token counts read before the first forward")
+        if not self._counts_reduced:
+            dist.all_reduce(self._counts, group=self.token_group)
+            self._counts_reduced = True
+        return self._counts
+
+    @property
+    def last_tokens_per_expert(self) -> torch.Tensor:
+        """[E] int64: tokens each expert kept in the latest forward, over the token group (see module doc)."""
+        return self._reduced_counts()[1]
+
+    @property
+    def last_tokens_per_expert_before_drop(self) -> torch.Tensor:
+        """[E] int64: tokens routed to each expert in the latest forward, before dropping."""
+        return self._reduced_counts()[0]
+
+    @property
+    def last_dropped_fraction(self) -> torch.Tensor:
+        """0-d float64: share of routed (token, expert) pairs dropped in the latest forward."""
+        before, after = self._reduced_counts().to(torch.float64)
+        routed_total = before.sum()
+        return torch.where(routed_total > 0, 1.0 - after.sum() / routed_total.clamp(min=1.0),
+                           torch.zeros_like(routed_total))
 
     def token_counts(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(before, after) dropping, float64 [E], of the latest forward: the `last_*` attributes.
-
-        Kept for FoldMoELayer.metrics(); no collective (the counts were reduced in the forward)."""
-        if self.last_tokens_per_expert is None:
-            raise RuntimeError(f"MoE layer {self.layer_number}: token_counts() before the first forward")
-        return (self.last_tokens_per_expert_before_drop.to(torch.float64),
-                self.last_tokens_per_expert.to(torch.float64))
+        """(before, after) dropping, float64 [E], of the latest forward (a collective on first read)."""
+        before, after = self._reduced_counts().to(torch.float64)
+        return before, after
 
     # ---- token dropping ---------------------------------------------------------------------------
     def _drop(self, probs: torch.Tensor, routing_map: torch.Tensor, seq_length: int, bsz: int):
