@@ -8,7 +8,7 @@ torch.distributed, so both sides are counted the same way), hidden-state bytes s
 pass against the minimum the routing requires, and the extra time of sequence-scope dropping over
 subsequence-scope dropping. With a GPU, it also times one rank on it in bf16.
 
-    .venv/bin/python scripts/bench_moe_layer.py [--iters 10] [--seq 64] [--hidden 64]
+    .venv/bin/python scripts/bench_moe_layer.py [--iters 20] [--seq 64] [--hidden 64]
 
 Timings on 8 ranks sharing 2 cores are dominated by scheduling noise; read ratios, not milliseconds.
 """
@@ -119,18 +119,29 @@ def _build(kind, model, layout, pgs, hidden, extra, drop_scope="subsequence"):
     return layer
 
 
-def _time(layer, x, iters):
-    times = []
-    for i in range(iters + 1):
+def _fwd_bwd_seconds(layer, x):
+    def settle():  # every rank, and the GPU's queue, done with what came before
+        if x.is_cuda:
+            torch.cuda.synchronize()
         dist.barrier()
-        start = time.perf_counter()
-        xi = x.clone().requires_grad_(True)
-        out, _ = layer(xi)
-        out.sum().backward()
-        dist.barrier()
-        if i:  # the first iteration warms up allocators and caches
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+
+    settle()
+    start = time.perf_counter()
+    out, _ = layer(x.clone().requires_grad_(True))
+    out.sum().backward()
+    settle()
+    return time.perf_counter() - start
+
+
+def _time_side_by_side(layer_a, layer_b, x, iters):
+    """Medians of A and B timed in alternation (A B A B ...), so machine noise and drift hit both alike.
+    One untimed round first warms up allocators and caches."""
+    _fwd_bwd_seconds(layer_a, x), _fwd_bwd_seconds(layer_b, x)
+    times_a, times_b = [], []
+    for _ in range(iters):
+        times_a.append(_fwd_bwd_seconds(layer_a, x))
+        times_b.append(_fwd_bwd_seconds(layer_b, x))
+    return statistics.median(times_a), statistics.median(times_b)
 
 
 def _min_forward_bytes(layer, x, layout, pgs):
@@ -158,20 +169,22 @@ def _rank(rank, world_size, layout_kwargs, args):
         x = shard_sequence(x_full, c["tp"], layout.tp, c["cp"], layout.cp)
         rows = {}
         for model in MODELS:
-            res = {}
+            res, layers = {}, {}
             for kind in ("upstream", "ours"):
-                layer = _build(kind, model, layout, pgs, args.hidden, {})
+                layer = layers[kind] = _build(kind, model, layout, pgs, args.hidden, {})
                 with CollectiveCounter() as fwd:
                     out, _ = layer(x.clone())
                 with CollectiveCounter() as total:
                     out, _ = layer(x.clone().requires_grad_(True))
                     out.sum().backward()
-                res[kind] = dict(time=_time(layer, x, args.iters), fwd_calls=fwd.calls, calls=total.calls,
-                                 fwd_bytes=fwd.bytes)
-            res["min_fwd_bytes"] = _min_forward_bytes(layer, x, layout, pgs)
+                res[kind] = dict(fwd_calls=fwd.calls, calls=total.calls, fwd_bytes=fwd.bytes)
+            res["upstream"]["time"], res["ours"]["time"] = _time_side_by_side(
+                layers["upstream"], layers["ours"], x, args.iters)
+            res["min_fwd_bytes"] = _min_forward_bytes(layers["ours"], x, layout, pgs)
             drop = dict(moe_expert_capacity_factor=1.0)
-            res["sub_time"] = _time(_build("ours", model, layout, pgs, args.hidden, drop, "subsequence"), x, args.iters)
-            res["seq_time"] = _time(_build("ours", model, layout, pgs, args.hidden, drop, "sequence"), x, args.iters)
+            res["sub_time"], res["seq_time"] = _time_side_by_side(
+                _build("ours", model, layout, pgs, args.hidden, drop, "subsequence"),
+                _build("ours", model, layout, pgs, args.hidden, drop, "sequence"), x, args.iters)
             rows[model] = res
         return rows
     finally:
@@ -187,15 +200,13 @@ def _gpu_single_rank(args):
     layout = FoldedLayout(1)
     pgs = parallel_state.initialize_model_parallel(layout)
     try:
+        x = torch.randn(args.gpu_seq, 4, args.gpu_hidden, device="cuda", dtype=torch.bfloat16)
         for model in MODELS:
-            times = {}
-            for kind in ("upstream", "ours"):
-                layer = _build(kind, model, layout, pgs, args.gpu_hidden, dict(params_dtype=torch.bfloat16, bf16=True))
-                layer = layer.cuda().to(torch.bfloat16)
-                x = torch.randn(args.gpu_seq, 4, args.gpu_hidden, device="cuda", dtype=torch.bfloat16)
-                torch.cuda.synchronize()
-                times[kind] = _time(layer, x, args.iters)
-            print(f"GPU 1 rank bf16  {model:<36} ours/upstream time {times['ours'] / times['upstream']:.2f}")
+            up, ours = (_build(kind, model, layout, pgs, args.gpu_hidden, dict(params_dtype=torch.bfloat16, bf16=True))
+                        .cuda().to(torch.bfloat16) for kind in ("upstream", "ours"))
+            t_up, t_ours = _time_side_by_side(up, ours, x, args.iters)
+            print(f"GPU 1 rank bf16  {model:<36} ours/upstream time {t_ours / t_up:.2f} "
+                  f"({t_ours * 1e3:.2f} ms vs {t_up * 1e3:.2f} ms, median of {args.iters})")
     finally:
         parallel_state.destroy_model_parallel()
         dist.destroy_process_group()
@@ -203,7 +214,7 @@ def _gpu_single_rank(args):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--iters", type=int, default=20)
     p.add_argument("--seq", type=int, default=64, help="sequence length per data-parallel replica")
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--gpu-seq", type=int, default=4096)
@@ -215,7 +226,7 @@ def main():
         return
     cpu.enable_cpu_mode()
     print(f"8 CPU gloo ranks, fp32, seq {args.seq} x batch 2 per replica, hidden {args.hidden}, "
-          f"median of {args.iters} fwd+bwd iterations (max over ranks)\n")
+          f"median of {args.iters} fwd+bwd iterations, the two sides timed in alternation (max over ranks)\n")
     header = (f"{'layout':<14} {'model':<36} {'time ours/up':>12} {'colls fwd+bwd ours/up':>22} "
               f"{'fwd bytes ours/min':>19} {'fwd bytes up/min':>17} {'seq-scope extra':>16}")
     print(header)
