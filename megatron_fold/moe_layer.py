@@ -104,7 +104,6 @@ class FoldMoELayer(MoELayer):
             pg_collection=pg_collection,
             drop_scope=self.drop_scope,
         )
-        self._metrics: MoELayerMetrics | None = None
 
     def forward(self, hidden_states: torch.Tensor, intermediate_tensors=None, padding_mask=None):
         # Counters describe the latest iteration: this forward and the backward that follows it.
