@@ -119,6 +119,8 @@ def from_hf_config(path: str) -> ModelSpec:
             cfg = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"cannot read Hugging Face config {path!r}: {e}") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path}: a Hugging Face config is a JSON object, got {type(cfg).__name__}")
     family = cfg.get("model_type")
     if family not in _FAMILIES:
         raise ValueError(f"{path}: model_type {family!r} is not supported; supported: {', '.join(_FAMILIES)}")
@@ -132,10 +134,16 @@ def from_hf_config(path: str) -> ModelSpec:
     missing = [k for k in need if k not in cfg]
     if missing:
         raise ValueError(f"{path}: {family} config is missing {', '.join(missing)}")
-    bad = [f"{k}={cfg[k]!r}" for k in need if k != "shared_expert_intermediate_size"
-           and (not isinstance(cfg[k], int) or isinstance(cfg[k], bool) or cfg[k] < 1)]
+    # A shared expert may be absent (0); every other size must be positive.
+    minimum = {"shared_expert_intermediate_size": 0}
+    bad = [f"{k}={cfg[k]!r}" for k in need
+           if not isinstance(cfg[k], int) or isinstance(cfg[k], bool) or cfg[k] < minimum.get(k, 1)]
     if bad:
-        raise ValueError(f"{path}: these fields must be positive integers: {', '.join(bad)}")
+        raise ValueError(f"{path}: these fields must be positive integers "
+                         f"(shared_expert_intermediate_size may be 0): {', '.join(bad)}")
+    if cfg["num_attention_heads"] % cfg["num_key_value_heads"]:
+        raise ValueError(f"{path}: num_key_value_heads {cfg['num_key_value_heads']} must divide "
+                         f"num_attention_heads {cfg['num_attention_heads']} (grouped-query attention)")
     experts = cfg["num_local_experts"] if family == "mixtral" else cfg["num_experts"]
     if cfg["num_experts_per_tok"] > experts:
         raise ValueError(f"{path}: num_experts_per_tok {cfg['num_experts_per_tok']} exceeds the {experts} experts")

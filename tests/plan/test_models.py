@@ -52,6 +52,7 @@ def test_hf_config_gives_the_preset(tmp_path, name):
     ({"hidden_size": "2048"}, "hidden_size='2048'"),
     ({"num_experts_per_tok": 200}, "num_experts_per_tok 200 exceeds the 128 experts"),
     ({"mlp_only_layers": [0]}, "layers without MoE"),
+    ({"num_key_value_heads": 5}, "num_key_value_heads 5 must divide num_attention_heads 32"),
 ])
 def test_untrustworthy_configs_are_refused(tmp_path, change, message):
     cfg = dict(HF_CONFIGS["qwen3-30b-a3b"]) | change
@@ -66,3 +67,25 @@ def test_fields_with_family_specific_defaults_are_required(tmp_path, family, dro
     cfg = {k: v for k, v in HF_CONFIGS[family].items() if k != dropped}
     with pytest.raises(ValueError, match=f"config is missing {dropped}"):
         from_hf_config(_write(tmp_path, cfg))
+
+
+@pytest.mark.parametrize("shared,message", [(None, "shared_expert_intermediate_size=None"),
+                                            (-5, "shared_expert_intermediate_size=-5")])
+def test_bad_shared_expert_size_is_refused(tmp_path, shared, message):
+    cfg = dict(HF_CONFIGS["qwen2-57b-a14b"]) | {"shared_expert_intermediate_size": shared}
+    with pytest.raises(ValueError, match=message):
+        from_hf_config(_write(tmp_path, cfg))
+
+
+def test_qwen2_moe_without_shared_expert_has_none(tmp_path):
+    cfg = dict(HF_CONFIGS["qwen2-57b-a14b"]) | {"shared_expert_intermediate_size": 0}
+    spec = from_hf_config(_write(tmp_path, cfg))
+    assert spec.shared_expert_ffn == 0 and not spec.shared_expert_gate
+    assert spec.total_params == PRESETS["qwen2-57b-a14b"].total_params - 28 * (3 * 3584 * 20480 + 3584)
+
+
+def test_config_that_is_not_an_object_is_refused(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text("[1, 2]")
+    with pytest.raises(ValueError, match="is a JSON object, got list"):
+        from_hf_config(str(path))
