@@ -60,6 +60,28 @@ def _fmt(values: list[int]) -> str:
     return ", ".join(str(v) for v in values) if values else "none"
 
 
+def _nearest(values: list[int], wanted: int, limit: int = 6) -> list[int]:
+    """The `limit` values closest to `wanted` by ratio (a user who asked for EP 48 wants 32 or 64)."""
+    return sorted(sorted(values, key=lambda v: (abs(math.log(v / wanted)), v))[:limit])
+
+
+def _alternatives(world: int, dims: dict[str, int], extra_rules: dict | None = None) -> str:
+    """For a product of `dims` that does not divide `world`: the nearby values of each dimension that
+    would fit with the others unchanged, e.g. "TP values that fit: 1, 2, 4; PP values that fit: 1, 2"."""
+    product = math.prod(dims.values())
+    parts = []
+    for name, value in dims.items():
+        rest = product // value
+        rule = (extra_rules or {}).get(name)
+        fit = [v for v in _divisors(world) if world % (v * rest) == 0 and (rule is None or rule(v))]
+        if fit:
+            parts.append(f"{name} values that fit: {_fmt(_nearest(fit, value))}")
+    if not parts:
+        return (f"no change of one of {', '.join(dims)} alone fits; their product must divide {world} "
+                f"(divisors: {_fmt(_divisors(world))})")
+    return "; ".join(parts)
+
+
 def masked_orthogonal_groups(sizes: list[int], mask: list[bool]) -> list[list[int]]:
     """All rank groups spanning the masked dimensions of a grid.
 
@@ -150,7 +172,13 @@ class FoldedLayout:
 
     @property
     def is_folded(self) -> bool:
-        """True when the MoE grid is not a re-labelling of the attention grid (the paper's folding)."""
+        """True for a layout only MoE Parallel Folding can build.
+
+        The others are *coupled*: ETP = TP and every EP group inside one DP x CP group, the expert grid
+        Megatron-Core built before folding (EP carved out of the data- and context-parallel ranks, TP
+        shared by attention and experts). For a valid layout "EP groups inside DP x CP groups" is
+        exactly "EP divides DP x CP" (tests/test_layout.py checks the groups), so sizes decide it.
+        """
         return not (self.etp == self.tp and (self.cp * self.dp) % self.ep == 0)
 
     def megatron_args(self) -> list[str]:
@@ -185,19 +213,16 @@ class FoldedLayout:
         W = self.world_size
         attn = self.tp * self.cp * self.pp
         if W % attn:
-            fit_tp = [t for t in _divisors(W // math.gcd(W, self.cp * self.pp)) if W % (t * self.cp * self.pp) == 0]
             out.append(
                 f"world_size {W} is not divisible by TP*CP*PP = {self.tp}*{self.cp}*{self.pp} = {attn}; "
-                f"TP values that fit: {_fmt(fit_tp)}"
+                + _alternatives(W, {"TP": self.tp, "CP": self.cp, "PP": self.pp})
             )
         expert = self.etp * self.ep * self.pp
         if W % expert:
-            fit_ep = [e for e in _divisors(W) if W % (self.etp * e * self.pp) == 0]
-            if self.num_experts is not None:
-                fit_ep = [e for e in fit_ep if self.num_experts % e == 0]
+            ep_ok = (lambda e: self.num_experts % e == 0) if self.num_experts is not None else None
             out.append(
                 f"world_size {W} is not divisible by ETP*EP*PP = {self.etp}*{self.ep}*{self.pp} = {expert}; "
-                f"EP values that fit: {_fmt(fit_ep)}"
+                + _alternatives(W, {"ETP": self.etp, "EP": self.ep, "PP": self.pp}, {"EP": ep_ok})
             )
         if self.num_experts is not None and self.num_experts % self.ep:
             fit = [e for e in _divisors(self.num_experts) if W % (self.etp * e * self.pp) == 0]

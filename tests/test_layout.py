@@ -68,6 +68,19 @@ def test_groups_equal_rank_generator(kw):
     assert_equal_to_megatron(FoldedLayout(**kw))
 
 
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(layouts(), st.permutations(["tp", "cp", "ep", "dp", "pp"]))
+def test_any_order_equals_rank_generator(kw, order):
+    """Megatron-Core's generator takes any order string; FoldedLayout accepts and rejects the same ones."""
+    kw = kw | {"order": "-".join(order)}
+    args = (kw["world_size"], kw["tp"], kw["cp"], kw["pp"], kw["ep"], kw["etp"], kw["order"])
+    if not megatron_accepts(*args):
+        with pytest.raises(LayoutError):
+            FoldedLayout(**kw)
+        return
+    assert_equal_to_megatron(FoldedLayout(**kw))
+
+
 @pytest.mark.parametrize("kw", [
     dict(world_size=4096, tp=8, cp=2, pp=16, ep=64, etp=1),
     dict(world_size=4096, tp=4, cp=1, pp=8, ep=32, etp=2),
@@ -132,6 +145,15 @@ INVALID = [
     (dict(world_size=32, tp=4, pp=2, ep=1, etp=1, order="tp-cp-ep-pp-dp"), "EDP 16 != DP 4"),
     (dict(world_size=24, tp=2, cp=2, pp=2, ep=16, etp=1), "not divisible by ETP*EP*PP = 1*16*2 = 32; EP values that fit: 1, 2, 3, 4, 6, 12"),
     (dict(world_size=10, tp=4, ep=4), "TP values that fit: 1, 2, 5, 10"),
+    # Suggestions name the dimension that can change: PP, CP, ETP too, nearby values only.
+    (dict(world_size=16, pp=3), "= 3; PP values that fit: 1, 2, 4, 8, 16"),
+    (dict(world_size=16, tp=2, cp=3), "= 6; CP values that fit: 1, 2, 4, 8"),
+    (dict(world_size=16, tp=2, etp=3), "ETP*EP*PP = 3*1*1 = 3; ETP values that fit: 1, 2, 4, 8, 16"),
+    (dict(world_size=4096, tp=8, pp=4, ep=48, etp=1), "EP values that fit: 8, 16, 32, 64, 128, 256"),
+    (dict(world_size=7, tp=2, cp=3, etp=1), "no change of one of TP, CP, PP alone fits; their product must divide 7"),
+    # Orders other than the two Megatron-LM offers can give the grids different pipeline groups.
+    (dict(world_size=8, tp=2, pp=2, ep=2, etp=1, order="tp-pp-cp-ep-dp"),
+     "pipeline groups of the attention grid and the expert grid differ"),
 ]
 
 
@@ -173,3 +195,27 @@ def test_at_least_200_valid_layouts_equal_rank_generator():
         if checked == 250:
             break
     assert checked == 250
+
+
+def test_folded_means_ep_outside_dp_cp_or_etp_differs():
+    """is_folded decides on sizes; the definition is on groups: coupled = ETP == TP and every EP group
+    inside one DP x CP group. Both agree on every valid layout of several worlds and both orders."""
+    import itertools
+
+    checked = folded = 0
+    for world in (8, 16, 24, 32, 64):
+        ds = [d for d in range(1, world + 1) if world % d == 0]
+        for tp, cp, pp, ep, etp, order in itertools.product(ds, ds, ds, ds, ds, ["tp-cp-ep-dp-pp", "tp-cp-ep-pp-dp"]):
+            try:
+                layout = FoldedLayout(world, tp=tp, cp=cp, pp=pp, ep=ep, etp=etp, order=order)
+            except LayoutError:
+                continue
+            dp_cp_of = {r: i for i, g in enumerate(layout.groups("dp_cp")) for r in g}
+            inside = all(len({dp_cp_of[r] for r in g}) == 1 for g in layout.groups("ep"))
+            assert layout.is_folded == (not (etp == tp and inside)), layout
+            checked += 1
+            folded += layout.is_folded
+    assert checked > 1000 and 0 < folded < checked
+    # EP spread over CP ranks with ETP = TP is coupled (Megatron built EP from DP x CP before folding).
+    assert not FoldedLayout(8, cp=2, ep=2).is_folded
+    assert FoldedLayout(8, tp=2, ep=8, etp=1).is_folded and FoldedLayout(8, tp=2, ep=2, etp=1).is_folded

@@ -10,7 +10,6 @@ FoldedLayout is built, and placement is computed once per layout, so 1,024 GPUs 
 
 from __future__ import annotations
 
-import functools
 
 from megatron_fold.layout import FoldedLayout, LayoutError
 from megatron_fold.plan.cost import Choice, Estimate, estimate, interleaving_violation, memory_gb
@@ -57,18 +56,9 @@ def model_admits(m: ModelSpec, seq: int, tp: int, cp: int, pp: int, ep: int, etp
     return not model_violations(m, seq, tp, cp, pp, ep, etp)
 
 
-@functools.lru_cache(maxsize=8192)
 def is_coupled(layout: FoldedLayout) -> bool:
-    """True for a layout Megatron-Core could build before MoE Parallel Folding: ETP = TP and every EP
-    group inside one DP group (order tp-cp-ep-dp-pp with EP carved out of DP; Megatron-Core MoE
-    README, "MoE Parallel Folding"). Stricter than `layout.is_folded` (EP inside DP x CP): with
-    CP > 1 today's generator lays EP across CP ranks first, a placement only folding provides."""
-    if layout.etp != layout.tp:
-        return False
-    if layout.ep == 1:
-        return True
-    dp_of = {rank: i for i, group in enumerate(layout.groups("dp")) for rank in group}
-    return all(len({dp_of[rank] for rank in group}) == 1 for group in layout.groups("ep"))
+    """A layout Megatron-Core could build before MoE Parallel Folding (see FoldedLayout.is_folded)."""
+    return not layout.is_folded
 
 
 def candidate_layouts(m: ModelSpec, world: int, gpus_per_node: int, seq: int,
