@@ -33,7 +33,7 @@ def add_arguments(p) -> None:
     p.add_argument("--top", type=int, default=10)
     p.add_argument("--json", action="store_true")
     p.add_argument("--no-fold", action="store_true",
-                   help="only coupled layouts, as before folding (ETP = TP, EP groups inside DP groups)")
+                   help="only coupled layouts, as before folding (ETP = TP, EP groups inside DP x CP groups)")
     drop = p.add_mutually_exclusive_group()
     drop.add_argument("--capacity-factor", type=float, help="token dropping with this capacity factor")
     drop.add_argument("--dropless", action="store_true", help="dropless MoE (the default)")
@@ -156,7 +156,7 @@ def run(args) -> int:
     print("\n".join(_breakdown(best)))
     if not args.no_fold:
         if coupled is None:
-            print("\nno coupled layout (ETP = TP, EP inside DP) fits: only folding trains this model here")
+            print("\nno coupled layout (ETP = TP, EP inside DP x CP) fits: only folding trains this model here")
         elif coupled is best:
             print("\nthe best layout is coupled: folding buys nothing for this model and cluster")
         else:

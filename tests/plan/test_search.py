@@ -68,8 +68,8 @@ def test_no_fold_results_are_a_subset_of_coupled_layouts():
     coupled = candidate_layouts(m, 64, 8, 4096, no_fold=True)
     assert {(l.tp, l.cp, l.pp, l.ep, l.etp) for l in coupled} < folded
     for l in coupled:
-        # Coupled, as before folding: ETP = TP and each EP group is a subset of one DP group.
-        dp_groups = [set(g) for g in l.groups("dp")]
+        # Coupled, as before folding: ETP = TP and each EP group is a subset of one DP x CP group.
+        dp_groups = [set(g) for g in l.groups("dp_cp")]
         assert l.etp == l.tp and all(any(set(g) <= d for d in dp_groups) for g in l.groups("ep"))
     # ... and every layout left out breaks that rule.
     for l in candidate_layouts(m, 64, 8, 4096):
