@@ -4,13 +4,14 @@ Each data-parallel replica (a (DP, PP) coordinate: PP stages here hold independe
 gets its own micro-batch, sharded over CP and TP the way Megatron shards it. Checked per rank: the
 output rows and input gradients of its shard equal the single-rank run of its micro-batch. Checked per
 parameter: after reducing each gradient over the group Megatron reduces it over (EDP for experts,
-TP x DP x CP for the sequence-parallel router weight, DP x CP otherwise) and reassembling the shards,
-it equals the sum of the single-rank gradients over the micro-batches of that PP stage.
+TP x DP x CP for sequence-parallel replicated parameters: router weight, shared-expert gate; DP x CP
+otherwise; tests/moe_reference.reduce_grads_like_megatron) and reassembling the shards, it equals the
+sum of the single-rank gradients over the micro-batches of that PP stage. Each rank also builds every
+config twice: outputs and all gradients must be bitwise equal (determinism).
 """
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from megatron_fold import FoldedLayout, parallel_state
 from megatron_fold.specs import get_fold_moe_module_spec
@@ -35,6 +36,7 @@ LAYOUTS = [
     ("cp2-pp2-ep2-etp2", dict(cp=2, pp=2, ep=2, etp=2)),
     ("pp2-ep4", dict(pp=2, ep=4)),
     ("tp2-etp1-ep1", dict(tp=2, ep=1, etp=1)),          # EP 1, ETP != TP
+    ("tp2-cp4-ep8-etp1", dict(tp=2, cp=4, ep=8, etp=1)),  # TP x CP = 8: the tiny configs hold 1 token per rank
 ]
 
 # Routing configurations run under every layout (one 8-rank run per layout covers them all).
@@ -50,21 +52,46 @@ CONFIGS = [
          moe_pad_expert_input_to_capacity=True),
     dict(num_moe_experts=64, moe_router_topk=1, moe_router_pre_softmax=True, moe_expert_capacity_factor=2.0,
          drop_scope="sequence"),
+    # Mixtral / Qwen2-MoE experts (SwiGLU) with top-8 dropping and a gated shared expert.
+    dict(num_moe_experts=64, moe_router_topk=8, moe_expert_capacity_factor=1.0, drop_scope="sequence",
+         swiglu=True, shared=True, moe_shared_expert_gate=True),
+    # Load balancing through the whole layer: aux loss and z-loss gradients reach the router weight.
+    dict(num_moe_experts=8, moe_router_topk=1, moe_router_pre_softmax=True, moe_expert_capacity_factor=1.0,
+         drop_scope="sequence", moe_router_load_balancing_type="aux_loss", moe_aux_loss_coeff=0.1, moe_z_loss_coeff=0.01),
+    # Edge cases, on 8 tokens per micro-batch (1 per rank where TP x CP = 8):
+    # most of 64 experts get no token anywhere, and most EP ranks receive none;
+    dict(num_moe_experts=64, moe_router_topk=1, moe_router_pre_softmax=True, seq=8, batch=1),
+    # capacity 1 per (sequence, expert): ranks whose only token is dropped send nothing at all;
+    dict(num_moe_experts=8, moe_router_topk=1, moe_router_pre_softmax=True, moe_expert_capacity_factor=0.5,
+         drop_scope="sequence", seq=8, batch=1),
+    # everything dropped but one token per (sequence, expert), padded to static blocks.
+    dict(num_moe_experts=8, moe_router_topk=2, moe_expert_capacity_factor=0.25, drop_scope="sequence",
+         moe_pad_expert_input_to_capacity=True),
 ]
+# What the edge-case configs must really exercise, checked on the single-rank reference.
+_EDGE_EXPECTATIONS = {
+    10: lambda m: sum(t == 0 for t in m.tokens_per_expert) >= 48,
+    11: lambda m: m.dropped_fraction > 0 and max(m.tokens_per_expert) == 1,
+    # at most one token per expert in each of the 2 sequences; 64 routed pairs, at most 16 kept
+    12: lambda m: max(m.tokens_per_expert) == 2 and m.dropped_fraction >= 0.75,
+}
 
 
-def _micro_batch(replica: int):
+def _micro_batch(replica: int, cfg: dict):
     g = torch.Generator().manual_seed(1000 + replica)
-    x = torch.randn(SEQ, BATCH, HIDDEN, generator=g)
-    w = torch.randn(SEQ, BATCH, HIDDEN, generator=g)  # loss = sum(out * w): a non-trivial output gradient
+    shape = (cfg.get("seq", SEQ), cfg.get("batch", BATCH), HIDDEN)
+    x = torch.randn(*shape, generator=g)
+    w = torch.randn(*shape, generator=g)  # loss = sum(out * w): a non-trivial output gradient
     return x, w
 
 
 def _build(cfg_kwargs, layout, pgs, weights):
-    cfg_kwargs = dict(cfg_kwargs)
+    cfg_kwargs = {k: v for k, v in cfg_kwargs.items() if k not in ("seq", "batch")}
     shared = cfg_kwargs.pop("shared", False)
+    swiglu = cfg_kwargs.pop("swiglu", False)
     drop_scope = cfg_kwargs.pop("drop_scope", "subsequence")
-    config = ref.make_moe_config(layout=layout, hidden_size=HIDDEN, shared_expert=shared, **cfg_kwargs)
+    config = ref.make_moe_config(layout=layout, hidden_size=HIDDEN, shared_expert=shared, swiglu=swiglu,
+                                 **cfg_kwargs)
     builder = get_fold_moe_module_spec(use_te=False, num_experts=config.num_moe_experts, drop_scope=drop_scope)
     layer = builder(config=config, pg_collection=pgs)
     layer.set_layer_number(1)
@@ -93,21 +120,13 @@ def _single_rank(rank, world_size, num_replicas):
             layer, weights = _build(cfg, layout, pgs, None)
             for replica in range(num_replicas):
                 layer.zero_grad()
-                x, w = _micro_batch(replica)
+                x, w = _micro_batch(replica, cfg)
                 out, gx = _run(layer, x, w)
                 per_batch.append((out, gx, ref.gather_full_grads(layer, pgs), layer.metrics()))
             results.append((weights, per_batch))
         return results
     finally:
         parallel_state.destroy_model_parallel()
-
-
-def _reduce_group(name, pgs):
-    if name.startswith("experts."):
-        return pgs.expt_dp
-    if name.startswith("router."):
-        return pgs.tp_dp_cp  # replicated over TP, sees only this rank's sequence-parallel tokens
-    return pgs.dp_cp
 
 
 def _multi_rank(rank, world_size, layout_kwargs, reference):
@@ -119,15 +138,18 @@ def _multi_rank(rank, world_size, layout_kwargs, reference):
         results = []
         for cfg, (weights, _) in zip(CONFIGS, reference):
             layer, _ = _build(cfg, layout, pgs, weights)
-            x, w = _micro_batch(replica)
+            x, w = _micro_batch(replica, cfg)
             shard = lambda t: shard_sequence(t, c["tp"], layout.tp, c["cp"], layout.cp)  # noqa: E731
             out, gx = _run(layer, shard(x), shard(w))
-            if not results:  # determinism: the same seed and inputs give bitwise the same numbers
-                again, _ = _build(cfg, layout, pgs, weights)
-                assert torch.equal(_run(again, shard(x), shard(w))[0], out), f"rank {rank}: nondeterministic output"
-            for name, p in layer.named_parameters():
-                if p.grad is not None:
-                    dist.all_reduce(p.grad, group=_reduce_group(name, pgs))
+            # Determinism: a second layer from the same weights and inputs gives bitwise the same output,
+            # input gradient and parameter gradients.
+            again, _ = _build(cfg, layout, pgs, weights)
+            out2, gx2 = _run(again, shard(x), shard(w))
+            assert torch.equal(out2, out) and torch.equal(gx2, gx), f"rank {rank} {cfg}: nondeterministic output"
+            for (name, p), (_, q) in zip(layer.named_parameters(), again.named_parameters()):
+                assert (p.grad is None) == (q.grad is None), name
+                assert p.grad is None or torch.equal(p.grad, q.grad), f"rank {rank} {cfg}: nondeterministic grad {name}"
+            ref.reduce_grads_like_megatron(layer, pgs)
             results.append((out, gx, ref.gather_full_grads(layer, pgs), layer.metrics()))
         return results
     finally:
@@ -139,6 +161,12 @@ def test_matches_single_rank(name, layout_kwargs):
     layout = FoldedLayout(8, **layout_kwargs)
     num_replicas = layout.dp * layout.pp
     reference = run_on_ranks(_single_rank, 1, num_replicas, timeout=300)[0]
+    for i, (cfg, (_, per_batch)) in enumerate(zip(CONFIGS, reference)):
+        for *_, metrics in per_batch:  # a dropping config that drops nothing would test nothing
+            if "moe_expert_capacity_factor" in cfg:
+                assert metrics.dropped_fraction > 0, (i, cfg)
+            if i in _EDGE_EXPECTATIONS:
+                assert _EDGE_EXPECTATIONS[i](metrics), (i, cfg, metrics)
     per_rank = run_on_ranks(_multi_rank, 8, layout_kwargs, reference, timeout=300)
     tol = dict(rtol=1e-5, atol=1e-5)
     for rank, results in enumerate(per_rank):
