@@ -14,6 +14,7 @@ import functools
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -53,6 +54,8 @@ class FoldMoELayer(MoELayer):
     Plugin-only options (spec parameters, not TransformerConfig fields):
       drop_scope: "subsequence" (Megatron's per-rank capacity) or "sequence" (layout-invariant).
       check_finite: raise, naming the layer, when router scores are NaN or infinite.
+      metrics: keep per-forward token counts for metrics() (no collective on the training path
+        either way; False also skips the counting).
     """
 
     def __init__(
@@ -66,6 +69,7 @@ class FoldMoELayer(MoELayer):
         *,
         drop_scope: DropScope | str = DropScope.SUBSEQUENCE,
         check_finite: bool = True,
+        metrics: bool = True,
     ):
         if pg_collection is None:
             raise ValueError(
@@ -73,6 +77,7 @@ class FoldMoELayer(MoELayer):
                 "megatron_fold.parallel_state.initialize_model_parallel(layout)); it never falls back "
                 "to Megatron's global groups"
             )
+        _check_groups(config, pg_collection)
         if submodules is None:
             raise ValueError("FoldMoELayer needs MoESubmodules (build it with specs.get_fold_moe_module_spec)")
         if config.moe_shared_expert_overlap:
@@ -86,7 +91,8 @@ class FoldMoELayer(MoELayer):
         if not (isinstance(router_cls, type) and issubclass(router_cls, FoldRouter)):
             raise ValueError(f"FoldMoELayer needs a FoldRouter (or subclass) as router, got {router_cls!r}")
         submodules = copy.copy(submodules)
-        submodules.router = functools.partial(router_cls, drop_scope=self.drop_scope, check_finite=check_finite)
+        submodules.router = functools.partial(router_cls, drop_scope=self.drop_scope, check_finite=check_finite,
+                                              record_token_counts=metrics)
 
         # MoELayer.__init__ constructs the dispatcher named in the config; the alltoall one allocates a
         # CUDA stream. Build with the CUDA-free allgather one, then restore the user's config object
@@ -119,6 +125,8 @@ class FoldMoELayer(MoELayer):
         steps. That logging collective is not among the counted `collectives`, which describe the
         training path.
         """
+        if not self.router.record_token_counts:
+            raise RuntimeError(f"MoE layer {self.layer_number}: metrics are off (spec parameter metrics=False)")
         calls, sent = {}, {}
         for source, counter in (("router", self.router.comm_counter), ("dispatcher", self.token_dispatcher.comm_counter)):
             for kind, n in counter.calls.items():
@@ -134,3 +142,27 @@ class FoldMoELayer(MoELayer):
             collectives=calls,
             bytes_sent=sent,
         )
+
+
+# ProcessGroupCollection fields the layer, its router, dispatcher and experts read, with the config
+# field each one's size must equal (None: no config counterpart).
+_REQUIRED_GROUPS = {
+    "tp": "tensor_model_parallel_size", "cp": "context_parallel_size", "tp_cp": None, "tp_dp_cp": None,
+    "ep": "expert_model_parallel_size", "expt_tp": "expert_tensor_parallel_size", "tp_ep": None,
+    "expt_dp": None,
+}
+
+
+def _check_groups(config: TransformerConfig, pg_collection) -> None:
+    """Refuse a collection that lacks a group or disagrees with the config: Megatron reads a missing
+    group as size 1 (experts silently unsharded) and torch.distributed reads None as the world."""
+    missing = [name for name in _REQUIRED_GROUPS if getattr(pg_collection, name, None) is None]
+    if missing:
+        raise ValueError(f"FoldMoELayer's ProcessGroupCollection lacks {missing}; build it with "
+                         "megatron_fold.parallel_state.initialize_model_parallel(layout)")
+    wrong = [f"{field} = {getattr(config, field)} but pg_collection.{name} has {dist.get_world_size(getattr(pg_collection, name))} ranks"
+             for name, field in _REQUIRED_GROUPS.items()
+             if field is not None and getattr(config, field) != dist.get_world_size(getattr(pg_collection, name))]
+    if wrong:
+        raise ValueError("TransformerConfig and the folded process groups disagree: " + "; ".join(wrong)
+                         + "; build the config from the same FoldedLayout")

@@ -83,7 +83,8 @@ class FoldRouter(TopKRouter):
     """
 
     def __init__(self, config, pg_collection=None, is_mtp_layer: bool = False, *,
-                 drop_scope: DropScope | str = DropScope.SUBSEQUENCE, check_finite: bool = True):
+                 drop_scope: DropScope | str = DropScope.SUBSEQUENCE, check_finite: bool = True,
+                 record_token_counts: bool = True):
         _check_supported(config, pg_collection)
         self.drop_scope = DropScope.parse(drop_scope)
         # Build with expert bias and aux losses off (so upstream allocates no buffer on a CUDA
@@ -106,6 +107,7 @@ class FoldRouter(TopKRouter):
                 "ga_steps", torch.zeros((), dtype=torch.float32, device=device), persistent=False)
 
         self.check_finite = check_finite
+        self.record_token_counts = record_token_counts
         # The ranks holding distinct tokens of one micro-batch. With sequence parallelism TP x CP; without
         # it (evaluation with TP > 1) TP ranks hold the same tokens, so only CP splits the sequence.
         self.cp_size, self.cp_rank = dist.get_world_size(self.cp_group), dist.get_rank(self.cp_group)
@@ -226,6 +228,8 @@ class FoldRouter(TopKRouter):
     def _record_token_counts(self, routed: torch.Tensor, kept: torch.Tensor, padding_mask: torch.Tensor | None,
                              gathered_counts: torch.Tensor | None) -> None:
         """Keep tokens per expert before and after dropping; reduced over the token group when first read."""
+        if not self.record_token_counts:
+            return
         with torch.no_grad():
             if gathered_counts is not None and padding_mask is None:
                 # [2, E] from the sequence-scope gather: already the token group's whole input.
@@ -239,6 +243,9 @@ class FoldRouter(TopKRouter):
 
     def _reduced_counts(self) -> torch.Tensor:
         """[2, E] counts over the token group; the first call after a forward all-reduces them."""
+        if not self.record_token_counts:
+            raise RuntimeError(f"MoE layer {self.layer_number}: token counts are off (record_token_counts=False, "
+                               "the spec's metrics=False)")
         if self._counts is None:
             raise RuntimeError(f"MoE layer {self.layer_number}: token counts read before the first forward")
         if not self._counts_reduced:

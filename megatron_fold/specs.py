@@ -37,15 +37,19 @@ def get_fold_moe_module_spec_for_backend(
     *,
     drop_scope: DropScope | str = DropScope.SUBSEQUENCE,
     check_finite: bool = True,
+    metrics: bool = True,
 ):
     """Counterpart of Megatron's get_moe_module_spec_for_backend, building FoldMoELayer."""
     if num_experts is None:
         raise ValueError("get_fold_moe_module_spec_for_backend needs num_experts (the MoE block is for MoE layers)")
     drop_scope = DropScope.parse(drop_scope)
+    # As upstream: the backend's activation module is always handed to the shared expert (it is used
+    # only when config.use_te_activation_func asks for it); `use_te_activation_func` is accepted for
+    # signature compatibility and, as upstream, does not change the spec.
     mlp = MLPSubmodules(
         linear_fc1=backend.column_parallel_linear(),
         linear_fc2=backend.row_parallel_linear(),
-        activation_func=backend.activation_func() if use_te_activation_func else None,
+        activation_func=backend.activation_func(),
     )
     experts = backend.grouped_mlp_modules(bool(moe_grouped_gemm))
     shared_experts = functools.partial(moe_module_specs._build_shared_experts, submodules=mlp)
@@ -54,6 +58,7 @@ def get_fold_moe_module_spec_for_backend(
         submodules=MoESubmodules(experts=experts, shared_experts=shared_experts, router=FoldRouter),
         drop_scope=drop_scope,
         check_finite=check_finite,
+        metrics=metrics,
     )
 
 
@@ -64,6 +69,7 @@ def get_fold_moe_module_spec(
     *,
     drop_scope: DropScope | str = DropScope.SUBSEQUENCE,
     check_finite: bool = True,
+    metrics: bool = True,
 ):
     """Counterpart of Megatron's get_moe_module_spec. `use_te=None` uses TE when it is installed."""
     if use_te is None:
@@ -75,7 +81,7 @@ def get_fold_moe_module_spec(
     else:
         backend = LocalSpecProvider()
     return get_fold_moe_module_spec_for_backend(
-        backend, num_experts, moe_grouped_gemm, drop_scope=drop_scope, check_finite=check_finite
+        backend, num_experts, moe_grouped_gemm, drop_scope=drop_scope, check_finite=check_finite, metrics=metrics
     )
 
 
@@ -92,10 +98,12 @@ _PATCH_TARGETS = (moe_module_specs, gpt_layer_specs)
 _ORIGINAL = {m: m.get_moe_module_spec_for_backend for m in _PATCH_TARGETS}
 
 
-def install(*, drop_scope: DropScope | str = DropScope.SUBSEQUENCE, check_finite: bool = True) -> None:
+def install(*, drop_scope: DropScope | str = DropScope.SUBSEQUENCE, check_finite: bool = True,
+            metrics: bool = True) -> None:
     """Make Megatron's stock MoE spec builders build FoldMoELayer with these plugin options."""
     builder = functools.partial(
-        get_fold_moe_module_spec_for_backend, drop_scope=DropScope.parse(drop_scope), check_finite=check_finite
+        get_fold_moe_module_spec_for_backend, drop_scope=DropScope.parse(drop_scope), check_finite=check_finite,
+        metrics=metrics,
     )
     for module in _PATCH_TARGETS:
         module.get_moe_module_spec_for_backend = builder

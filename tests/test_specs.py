@@ -3,6 +3,7 @@
 import functools
 
 import pytest
+import torch
 from megatron.core.models.gpt import gpt_layer_specs, moe_module_specs
 from megatron.core.transformer.moe.experts import SequentialMLP
 from megatron.core.transformer.moe.moe_layer import MoELayer
@@ -43,3 +44,23 @@ def test_spec_arguments_are_checked():
     with pytest.raises(ValueError, match="needs num_experts"):
         specs.get_fold_moe_module_spec(use_te=False)
     assert isinstance(specs.get_fold_moe_module_spec(use_te=False, num_experts=4), functools.partial)
+
+
+def test_submodules_equal_upstream_for_any_backend():
+    """The shared expert gets the backend's activation module, the experts the backend's grouped MLP,
+    exactly as Megatron's get_moe_module_spec_for_backend composes them (TE's backend included)."""
+    from megatron.core.models.backends import LocalSpecProvider
+
+    class ActivationBackend(LocalSpecProvider):  # stands in for TESpecProvider on a machine without TE
+        def activation_func(self):
+            return torch.nn.SiLU
+
+    for backend in (LocalSpecProvider(), ActivationBackend()):
+        ours = specs.get_fold_moe_module_spec_for_backend(backend, num_experts=8).keywords["submodules"]
+        upstream = specs._ORIGINAL[moe_module_specs](backend, num_experts=8).keywords["submodules"]
+        for mine, theirs in ((ours.experts, upstream.experts), (ours.shared_experts, upstream.shared_experts)):
+            assert mine.func is theirs.func and mine.keywords == theirs.keywords
+
+
+def test_metrics_option_reaches_the_layer():
+    assert specs.get_fold_moe_module_spec(use_te=False, num_experts=4, metrics=False).keywords["metrics"] is False

@@ -10,6 +10,9 @@ sum of the single-rank gradients over the micro-batches of that PP stage. Each r
 config twice: outputs and all gradients must be bitwise equal (determinism).
 """
 
+import copy
+import dataclasses
+
 import pytest
 import torch
 
@@ -200,13 +203,31 @@ def _nan_and_globals(rank, world_size):
             error = None
         except Exception as e:  # noqa: BLE001 - the message is what we check
             error = f"{type(e).__name__}: {e}"
+        builder = get_fold_moe_module_spec(use_te=False, num_experts=8)
+        refusals = []
+        without_ep = copy.copy(pgs)
+        without_ep.ep = None
+        wrong_ep = dataclasses.replace(layer.config, expert_model_parallel_size=2)
+        for kwargs in (dict(config=layer.config), dict(config=layer.config, pg_collection=without_ep),
+                       dict(config=wrong_ep, pg_collection=pgs)):
+            try:
+                builder(**kwargs)
+                refusals.append(None)
+            except ValueError as e:
+                refusals.append(str(e))
+        # check_finite=False lets the NaN through (the output is NaN, nothing raises); metrics=False
+        # makes metrics() an error instead of stale numbers.
+        unchecked = get_fold_moe_module_spec(use_te=False, num_experts=8, check_finite=False, metrics=False)(
+            config=layer.config, pg_collection=pgs)
+        unchecked.set_layer_number(1)
+        ref.load_full_weights(unchecked, ref.full_moe_weights(layer.config, seed=7), pgs)
+        out, _ = unchecked(x)
         try:
-            builder = get_fold_moe_module_spec(use_te=False, num_experts=8)
-            builder(config=layer.config)
-            missing_pgs = None
-        except ValueError as e:
-            missing_pgs = str(e)
-        return error, missing_pgs
+            unchecked.metrics()
+            metrics_off = None
+        except RuntimeError as e:
+            metrics_off = str(e)
+        return error, refusals, bool(torch.isnan(out).any()), metrics_off
     finally:
         parallel_state.destroy_model_parallel()
 
@@ -214,9 +235,15 @@ def _nan_and_globals(rank, world_size):
 def test_non_finite_router_scores_and_missing_groups_are_errors():
     # One rank's NaN raises on every rank of the stage (no rank is left blocked in a collective).
     results = run_on_ranks(_nan_and_globals, 8, timeout=60)
-    for rank, (error, missing_pgs) in enumerate(results):
+    for rank, (error, refusals, nan_out, metrics_off) in enumerate(results):
         local = 1 if rank == 5 else 0
         assert error == (f"NonFiniteRouterScores: MoE layer 12: router scores are NaN or infinite for {local} of 16 "
                          "tokens on this rank (1 on the ranks of this pipeline stage): diverged training or bad "
                          "input; pass check_finite=False to the spec to skip this check")
-        assert "FoldMoELayer needs the folded ProcessGroupCollection" in missing_pgs
+        no_pgs, no_ep, wrong_ep = refusals
+        assert "FoldMoELayer needs the folded ProcessGroupCollection" in no_pgs
+        assert "ProcessGroupCollection lacks ['ep']" in no_ep
+        assert "expert_model_parallel_size = 2 but pg_collection.ep has 4 ranks" in wrong_ep
+        # Unchecked, the NaN stays in its own token's row: only rank 5's output holds it.
+        assert nan_out == (rank == 5)
+        assert metrics_off == "MoE layer 1: metrics are off (spec parameter metrics=False)"
