@@ -7,9 +7,10 @@ the `ProcessGroupCollection` our MoE modules take explicitly instead of reading 
 
 Expert parameters: Megatron reduces a parameter's gradient over DP x CP when `param.allreduce` is True
 (the default) and over the expert data-parallel group (EDP) when it is False. Megatron-Core 0.19's
-linear layers set `allreduce = not (is_expert and (EP > 1 or ETP != TP))`, which is right; modules
-built outside those layers (custom experts, TE-less grouped GEMMs, modules copied from checkpoints)
-carry no tag and would silently be reduced over the wrong group. `check_expert_params` finds them.
+linear layers set `allreduce = not (is_expert and (EP > 1 or ETP != TP))`, which is right; expert
+modules built outside those layers (custom experts, modules copied from checkpoints) carry no tag and
+would silently be reduced over the wrong group. `check_expert_params` finds them (the experts of any
+MoELayer, Megatron's experts classes, modules marked `is_fold_expert_module`) before DDP is built.
 """
 
 from __future__ import annotations
@@ -86,12 +87,20 @@ def initialize_model_parallel(layout: FoldedLayout, **megatron_kwargs) -> Proces
         order=layout.order,
         **megatron_kwargs,
     )
-    verify_groups(layout)
+    try:
+        verify_groups(layout)
+    except RuntimeError:
+        mpu.destroy_model_parallel()  # leave no half-trusted global state behind
+        raise
     return ProcessGroupCollection.use_mpu_process_groups(required_pgs=_COLLECTION_FIELDS)
 
 
 def verify_groups(layout: FoldedLayout) -> None:
-    """Raise if any group Megatron built for this rank differs from the layout's prediction."""
+    """Raise on EVERY rank if any group Megatron built for any rank differs from the layout's prediction.
+
+    A collective (one all_gather_object over the world): a rank whose groups are right would otherwise
+    carry on into training and block in its first collective with a rank that raised.
+    """
     rank = dist.get_rank()
     differing = []
     for name in GROUP_NAMES:
@@ -99,9 +108,15 @@ def verify_groups(layout: FoldedLayout) -> None:
         predicted = layout.group_of(name, rank)
         if built != predicted:
             differing.append(f"{name}: Megatron built {built}, layout predicts {predicted}")
-    if differing:
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, differing)
+    bad = [(r, d) for r, d in enumerate(everyone) if d]
+    if bad:
+        shown = "\n".join(f"  rank {r}: " + "; ".join(d) for r, d in bad[:4])
+        more = f"\n  ... and {len(bad) - 4} more ranks" if len(bad) > 4 else ""
         raise RuntimeError(
-            f"rank {rank}: Megatron-Core's groups differ from FoldedLayout {layout}:\n  " + "\n  ".join(differing)
+            f"Megatron-Core's groups differ from FoldedLayout {layout} on {len(bad)} of "
+            f"{len(everyone)} ranks (this is rank {rank}):\n{shown}{more}"
         )
 
 
@@ -125,16 +140,21 @@ class ExpertParamMismatch(RuntimeError):
 
 
 def _expert_param_names(model: torch.nn.Module) -> set[str]:
-    """Parameters of routed-expert modules: Megatron's experts classes and any module marked expert."""
+    """Parameters of routed experts: the `experts` module of every MoELayer (whatever its class),
+    Megatron's experts classes wherever they sit, and any module with `is_fold_expert_module = True`
+    (for expert modules a custom layer keeps under another name)."""
     from megatron.core.transformer.moe import experts as moe_experts
+    from megatron.core.transformer.moe.moe_layer import MoELayer
 
     expert_types = tuple(
         getattr(moe_experts, n) for n in ("SequentialMLP", "GroupedMLP", "TEGroupedMLP") if hasattr(moe_experts, n)
     )
     names = set()
     for mod_name, mod in model.named_modules():
+        prefix = f"{mod_name}." if mod_name else ""
+        if isinstance(mod, MoELayer) and isinstance(getattr(mod, "experts", None), torch.nn.Module):
+            names.update(f"{prefix}experts.{p}" for p, _ in mod.experts.named_parameters())
         if isinstance(mod, expert_types) or getattr(mod, "is_fold_expert_module", False):
-            prefix = f"{mod_name}." if mod_name else ""
             names.update(prefix + p for p, _ in mod.named_parameters())
     return names
 
@@ -145,7 +165,18 @@ def check_expert_params(model: torch.nn.Module, layout: FoldedLayout, fix: bool 
     Returns the names of mis-tagged parameters (empty when everything is right). Without `fix`, any
     mis-tagged parameter raises ExpertParamMismatch naming them, since training on would be silently
     wrong. Non-expert parameters must never be tagged expert (that would skip their DP reduction).
+
+    Call it on the bare model, before Megatron's DistributedDataParallel wraps it: DDP sorts parameters
+    into its dense and expert gradient buffers by this tag when it is built, so retagging afterwards
+    changes nothing (`fix=True` on a wrapped model raises).
     """
+    from megatron.core.distributed.data_parallel_base import _BaseDataParallel
+
+    if fix and any(isinstance(m, _BaseDataParallel) for m in model.modules()):
+        raise ValueError(
+            "check_expert_params(fix=True) on a model already wrapped in DistributedDataParallel: DDP "
+            "assigned gradient buffers by param.allreduce when it was built, so retagging now has no "
+            "effect; call it on the model before wrapping it")
     expert = _expert_param_names(model)
     want_edp = expert_params_use_edp(layout)
     wrong = []

@@ -1,4 +1,9 @@
-"""Expert parameters reduce over EDP, not DP x CP, when EP = 1 but ETP != TP (and whenever EP > 1)."""
+"""Expert parameters reduce over EDP, not DP x CP, when EP = 1 but ETP != TP (and whenever EP > 1).
+
+Checked on the tags (check_expert_params) and on the numbers: Megatron-Core's own DistributedDataParallel,
+in CPU mode on gloo, reduces a closed-form gradient (2**rank per element) over exactly the group the tag
+names, and check_expert_params(fix=True) before wrapping repairs a mis-tagged expert parameter.
+"""
 
 import pytest
 import torch.distributed as dist
@@ -67,6 +72,54 @@ def test_ep1_etp_differs_from_tp_uses_edp():
         assert sorted(fixed) == ["decoder.layers.0.mlp.experts.local_experts.0.linear_fc1.weight",
                                  "decoder.layers.0.mlp.router.weight"]
         assert after_fix == [] and retagged is False
+
+
+def _ddp_reduction(rank, world_size, layout_kwargs, untag_expert):
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    layout = FoldedLayout(world_size, **layout_kwargs)
+    pgs = parallel_state.initialize_model_parallel(layout)
+    try:
+        model = _build_gpt(layout, pgs)
+        expert_weight = "decoder.layers.0.mlp.experts.local_experts.0.linear_fc1.weight"
+        if untag_expert:  # an expert module built outside Megatron's linears: no tag
+            del dict(model.named_parameters())[expert_weight].allreduce
+            repaired = parallel_state.check_expert_params(model, layout, fix=True)
+        else:
+            repaired = parallel_state.check_expert_params(model, layout)
+        ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(), model, pg_collection=pgs)
+        try:
+            parallel_state.check_expert_params(ddp, layout, fix=True)
+            late_fix = None
+        except ValueError as e:
+            late_fix = str(e)
+        # d loss / d p = 2**rank everywhere: the reduced value names the ranks that were summed.
+        sum((p * 2.0 ** rank).sum() for p in model.parameters()).backward()
+        ddp.finish_grad_sync()
+        grads = {n: p.main_grad.unique().tolist() for n, p in model.named_parameters()}
+        return repaired, late_fix, grads
+    finally:
+        parallel_state.destroy_model_parallel()
+
+
+@pytest.mark.parametrize("layout_kwargs", [dict(tp=2, ep=1, etp=1), dict(tp=1, ep=1, etp=2), dict(tp=2, ep=4, etp=1)],
+                         ids=["ep1-etp1-tp2", "ep1-etp2-tp1", "ep4-etp1-tp2"])
+@pytest.mark.parametrize("untag_expert", [False, True], ids=["tagged", "repaired"])
+def test_megatron_ddp_reduces_expert_grads_over_edp(layout_kwargs, untag_expert):
+    layout = FoldedLayout(4, **layout_kwargs)
+    assert parallel_state.expert_params_use_edp(layout)
+    out = run_on_ranks(_ddp_reduction, 4, layout_kwargs, untag_expert, timeout=180)
+    for rank, (repaired, late_fix, grads) in enumerate(out):
+        assert repaired == (["decoder.layers.0.mlp.experts.local_experts.0.linear_fc1.weight"] if untag_expert else [])
+        assert "already wrapped in DistributedDataParallel" in late_fix
+        dp_cp = layout.group_of("dp_cp", rank)
+        # Megatron scales every gradient by 1 / |DP x CP| (experts included) and sums over the tag's group.
+        dense = sum(2.0 ** r for r in dp_cp) / len(dp_cp)
+        expert = sum(2.0 ** r for r in layout.group_of("edp", rank)) / len(dp_cp)
+        assert dense != expert
+        for name, values in grads.items():
+            want = expert if ".mlp.experts." in name else dense
+            assert values == [want], (rank, name, values, want)
 
 
 def test_coupled_layout_accepts_either_tag():
