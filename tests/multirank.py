@@ -8,11 +8,14 @@ gloo's own connections use ephemeral ports chosen by the OS.
 
 Failure contract: an exception in any rank fails the test with that rank's number and traceback (the
 other ranks are killed, since they are typically blocked in a collective with it); a rank that does
-not finish within `timeout` seconds fails the test naming the unfinished ranks; no process survives.
+not finish within `timeout` seconds fails the test naming the unfinished ranks; no process survives,
+not even when the pytest process itself is killed (each rank asks the kernel for SIGKILL on its
+parent's death).
 """
 
 from __future__ import annotations
 
+import ctypes
 import faulthandler
 import multiprocessing as mp
 import os
@@ -33,7 +36,24 @@ class MultiRankFailure(AssertionError):
     """A rank raised, or ranks timed out; the message carries every rank's story."""
 
 
-def _rank_main(fn, rank, world_size, store_path, conn, stack_file, stack_after, args, kwargs):
+def _die_with_parent() -> None:
+    """Ask Linux to SIGKILL this rank when the pytest process dies (killed by CI, a thread-method
+    pytest-timeout, Ctrl-C twice): the parent's cleanup never runs then, and ranks blocked in gloo
+    would live on. No-op where prctl is unavailable."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _rank_main(fn, rank, world_size, store_path, conn, stack_file, stack_after, parent_pid, args, kwargs):
+    _die_with_parent()
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
     status, payload = "ok", None
     # A hung rank writes its Python stack here shortly before the parent gives up on it.
     stack_fh = open(stack_file, "w")
@@ -86,7 +106,8 @@ def run_on_ranks(fn, world_size: int, *args, timeout: float = 120.0, **kwargs) -
         for rank in range(world_size):
             parent_conn, child_conn = ctx.Pipe(duplex=False)
             p = ctx.Process(target=_rank_main, args=(fn, rank, world_size, store_path, child_conn,
-                                                          os.path.join(stacks.name, str(rank)), stack_after, args, kwargs))
+                                                     os.path.join(stacks.name, str(rank)), stack_after, os.getpid(),
+                                                     args, kwargs))
             p.start()
             child_conn.close()
             procs.append(p)

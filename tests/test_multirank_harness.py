@@ -68,3 +68,33 @@ def test_hanging_rank_times_out_and_leaves_no_process(tmp_path):
 def test_consecutive_runs_do_not_collide():
     for _ in range(3):
         assert [v for v, _ in run_on_ranks(_sum_ranks, 4, timeout=60)] == [6.0] * 4
+
+
+def test_ranks_die_with_a_killed_parent(tmp_path):
+    """pytest killed outright (CI's time limit, a thread-method timeout) runs no cleanup: the ranks must
+    still go, or they would sit blocked in gloo forever."""
+    import signal
+    import subprocess
+    import sys
+
+    pid_file = str(tmp_path / "pid")
+    parent = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys; from tests.multirank import run_on_ranks; "
+         "from tests.test_multirank_harness import _hang_on_rank_1; "
+         f"run_on_ranks(_hang_on_rank_1, 2, {pid_file!r}, timeout=600)"],
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        deadline = time.monotonic() + 120
+        while not all(os.path.exists(f"{pid_file}.{r}") and open(f"{pid_file}.{r}").read() for r in range(2)):
+            assert time.monotonic() < deadline and parent.poll() is None, "ranks never started"
+            time.sleep(0.2)
+        pids = [int(open(f"{pid_file}.{r}").read()) for r in range(2)]
+        assert all(_alive(p) for p in pids)
+    finally:
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+    deadline = time.monotonic() + 10
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(p) for p in pids)
