@@ -9,7 +9,9 @@ STAMP := $(VENV)/.installed
 venv: $(STAMP)
 
 $(STAMP): setup.cfg pyproject.toml
-	@test -x $(PY) || "$$(scripts/find_python.sh)" -m venv $(VENV)
+	@# A .venv made with an older Python (megatron-core needs 3.12) is rebuilt, not reused.
+	@$(PY) -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null || \
+		"$$(scripts/find_python.sh)" -m venv --clear $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test]'
 	@touch $(STAMP)
