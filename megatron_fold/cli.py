@@ -72,8 +72,11 @@ def layout_warnings(layout: FoldedLayout) -> list[str]:
     return out
 
 
-def explain_dict(layout: FoldedLayout) -> dict:
-    return {
+def explain_dict(layout: FoldedLayout, rank: int | None = None) -> dict:
+    rank_view = {} if rank is None else {"rank": {
+        "rank": rank, "node": layout.node_of(rank), "coords": layout.rank_coords(rank),
+        "groups": {name: layout.group_of(name, rank) for name in GROUP_NAMES}}}
+    return rank_view | {
         "world_size": layout.world_size,
         "gpus_per_node": layout.gpus_per_node,
         "order": layout.order,
@@ -87,9 +90,32 @@ def explain_dict(layout: FoldedLayout) -> dict:
     }
 
 
+def _compact_group(group: list[int]) -> str:
+    """[0, 2, 4, 6, 8] -> "[0,2,...,8]", [0..7, 16..23] -> "[0-7,16-23]": large worlds stay readable."""
+    if len(group) > 3:
+        step = group[1] - group[0]
+        if step > 1 and all(b - a == step for a, b in zip(group, group[1:])):
+            return f"[{group[0]},{group[1]},...,{group[-1]}]"
+    runs, start = [], 0
+    for i in range(1, len(group) + 1):
+        if i == len(group) or group[i] != group[i - 1] + 1:
+            runs.append(str(group[start]) if i - start == 1 else f"{group[start]}-{group[i - 1]}")
+            start = i
+    return "[" + ",".join(runs) + "]"
+
+
 def _compact(groups: list[list[int]], limit: int = 4) -> str:
-    shown = " ".join(str(g) for g in groups[:limit])
+    shown = " ".join(_compact_group(g) for g in groups[:limit])
     return shown + (f" ... ({len(groups)} groups)" if len(groups) > limit else "")
+
+
+def _placement_line(layout: FoldedLayout, name: str) -> str:
+    groups = layout.placement(name)
+    crossing = sum(not g["intra_node"] for g in groups)
+    if not crossing:
+        return "inside one node"
+    widest = max(len(g["nodes"]) for g in groups)
+    return f"CROSSES NODES ({crossing} of {len(groups)} groups, spanning up to {widest} nodes)"
 
 
 def explain_text(layout: FoldedLayout, rank: int | None) -> str:
@@ -102,15 +128,14 @@ def explain_text(layout: FoldedLayout, rank: int | None) -> str:
         "placement:",
     ]
     for name, label in _PLACEMENT_GROUPS.items():
-        where = "inside one node" if layout.intra_node(name) else "CROSSES NODES"
-        lines.append(f"  {label:<9} groups of {len(layout.groups(name)[0]):>4} ranks: {where}")
+        lines.append(f"  {label:<9} groups of {len(layout.groups(name)[0]):>4} ranks: {_placement_line(layout, name)}")
     lines.append("")
     if rank is not None:
         coords = layout.rank_coords(rank)
         lines.append(f"rank {rank} (node {layout.node_of(rank)}): " + " ".join(f"{k}={v}" for k, v in coords.items()))
         for name in GROUP_NAMES:
             g = layout.group_of(name, rank)
-            lines.append(f"  {name:<9} {g}  nodes {layout.nodes_of(g)}")
+            lines.append(f"  {name:<9} {_compact_group(g)}  nodes {_compact_group(layout.nodes_of(g))}")
     else:
         lines.append("groups:")
         for name in GROUP_NAMES:
@@ -139,7 +164,7 @@ def cmd_explain(args) -> int:
     if args.rank is not None and not 0 <= args.rank < layout.world_size:
         raise UsageError(f"--rank {args.rank} is outside the world of {layout.world_size} ranks")
     if args.json:
-        print(json.dumps(explain_dict(layout), indent=1))
+        print(json.dumps(explain_dict(layout, args.rank), indent=1))
     else:
         print(explain_text(layout, args.rank))
     return 0

@@ -33,8 +33,33 @@ def test_rank_view_lists_that_ranks_groups(capsys):
     rc, out, _ = run(capsys, *MIXTRAL, "--rank", "17")
     assert rc == 0
     layout = FoldedLayout(128, tp=2, pp=8, ep=8, etp=1)
-    assert f"ep        {layout.group_of('ep', 17)}" in out
+    assert layout.group_of("ep", 17) == list(range(16, 24)) and layout.group_of("pp", 17) == list(range(1, 128, 16))
+    assert "ep        [16-23]  nodes [2]" in out
+    assert "pp        [1,17,...,113]  nodes [0,2,...,14]" in out
     assert "rank 17 (node 2)" in out
+
+
+def test_json_rank_view(capsys):
+    rc, out, _ = run(capsys, *MIXTRAL, "--rank", "17", "--json")
+    layout = FoldedLayout(128, tp=2, pp=8, ep=8, etp=1)
+    data = json.loads(out)
+    assert rc == 0 and data["rank"]["rank"] == 17 and data["rank"]["node"] == 2
+    assert data["rank"]["coords"] == layout.rank_coords(17)
+    assert data["rank"]["groups"] == {n: layout.group_of(n, 17) for n in GROUP_NAMES}
+    assert "groups" in data  # every group stays in the JSON
+
+
+def test_compact_groups_and_crossing_counts(capsys):
+    from megatron_fold.cli import _compact_group
+
+    assert _compact_group([0, 1, 2, 3, 16, 17, 18, 19]) == "[0-3,16-19]"
+    assert _compact_group([3, 11, 19, 27]) == "[3,11,...,27]"
+    assert _compact_group([0, 8, 9]) == "[0,8-9]" and _compact_group([5]) == "[5]"
+    # EP 16 over 8-GPU nodes: every EP group spans 2 nodes; TP 16 with CP 2: 16 of 16 TP x CP groups
+    # of 32 ranks span 4 nodes.
+    _, out, _ = run(capsys, "--world", "512", "--tp", "16", "--cp", "2", "--ep", "16", "--etp", "1")
+    assert "EP        groups of   16 ranks: CROSSES NODES (32 of 32 groups, spanning up to 2 nodes)" in out
+    assert "TP x CP   groups of   32 ranks: CROSSES NODES (16 of 16 groups, spanning up to 4 nodes)" in out
 
 
 def test_warnings(capsys):
