@@ -103,12 +103,14 @@ class Choice:
                 f"mbs{self.micro_batch}{' recompute' if self.recompute else ''}")
 
     def megatron_args(self, m: ModelSpec, seq: int, global_batch: int, capacity_factor: float | None) -> list[str]:
-        """Megatron-LM arguments that reproduce this choice and the cost model's assumptions."""
+        """Megatron-LM arguments that reproduce this choice, the model and the cost model's assumptions."""
         args = self.layout.megatron_args() + [
             f"--micro-batch-size={self.micro_batch}", f"--global-batch-size={global_batch}",
-            f"--seq-length={seq}",
-            # The model assumes these: sharded optimizer state, overlapped data-parallel traffic,
-            # and the all-to-all dispatcher's traffic (Megatron's default dispatcher is allgather).
+        ] + m.megatron_args(seq) + [
+            # The model assumes these: BF16 with grouped expert GEMMs, sharded optimizer state,
+            # overlapped data-parallel traffic, and the all-to-all dispatcher's traffic (Megatron's
+            # default dispatcher is allgather).
+            "--bf16", "--moe-grouped-gemm",
             "--use-distributed-optimizer", "--overlap-grad-reduce", "--overlap-param-gather",
             "--moe-token-dispatcher-type=alltoall",
         ]
@@ -119,7 +121,8 @@ class Choice:
         if self.recompute:
             args += ["--recompute-granularity=full", "--recompute-method=uniform", "--recompute-num-layers=1"]
         if capacity_factor is not None:
-            args.append(f"--moe-expert-capacity-factor={capacity_factor:g}")
+            # Time and memory assume every expert processes exactly its capacity (padded).
+            args += [f"--moe-expert-capacity-factor={capacity_factor:g}", "--moe-pad-expert-input-to-capacity"]
         return args
 
 

@@ -31,6 +31,30 @@ class ModelSpec:
     untied_embeddings: bool = True
     source: str = ""
 
+    def megatron_args(self, seq_len: int) -> list[str]:
+        """Megatron-LM (core_v0.19) arguments that build this model: all presets and HF families are
+        RMSNorm, rotary, SwiGLU, bias-free except Qwen2's QKV bias. The vocabulary comes from the
+        tokenizer in Megatron-LM, so it is not among them."""
+        args = [f"--num-layers={self.num_layers}", f"--hidden-size={self.hidden}",
+                f"--num-attention-heads={self.num_heads}", f"--kv-channels={self.head_dim}"]
+        if self.num_query_groups != self.num_heads:
+            args += ["--group-query-attention", f"--num-query-groups={self.num_query_groups}"]
+        args += [f"--ffn-hidden-size={self.moe_ffn}", f"--moe-ffn-hidden-size={self.moe_ffn}",
+                 f"--num-experts={self.num_experts}", f"--moe-router-topk={self.topk}"]
+        if self.shared_expert_ffn:
+            args.append(f"--moe-shared-expert-intermediate-size={self.shared_expert_ffn}")
+        if self.shared_expert_gate:
+            args.append("--moe-shared-expert-gate")
+        args += ["--swiglu", "--normalization=RMSNorm", "--position-embedding-type=rope",
+                 "--disable-bias-linear", f"--seq-length={seq_len}", f"--max-position-embeddings={seq_len}"]
+        if self.qkv_bias:
+            args.append("--add-qkv-bias")
+        if self.qk_layernorm:
+            args.append("--qk-layernorm")
+        if self.untied_embeddings:
+            args.append("--untie-embeddings-and-output-weights")
+        return args
+
     # ---- parameter counts (exact, as Megatron-Core's GPTModel builds the model) ---------------------
     @property
     def attention_params_per_layer(self) -> int:

@@ -118,3 +118,48 @@ def test_plan_imports_neither_torch_nor_megatron():
             "'16', '--top', '1']); print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'megatron')))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("[]")
+
+
+# Megatron-LM core_v0.19 arguments written by hand in megatron/training/arguments.py (every other one is
+# generated from a config dataclass field: --field-name, --no-/--disable- for fields that default to True).
+_HAND_WRITTEN_MEGATRON_LM_ARGS = {
+    "--group-query-attention", "--num-experts", "--swiglu", "--position-embedding-type", "--max-position-embeddings",
+    "--untie-embeddings-and-output-weights", "--seq-length", "--micro-batch-size", "--global-batch-size",
+    "--use-distributed-optimizer", "--overlap-grad-reduce", "--overlap-param-gather",
+    "--num-layers-per-virtual-pipeline-stage", "--recompute-granularity", "--recompute-method", "--recompute-num-layers",
+    "--use-tp-pp-dp-mapping",
+}
+
+
+@pytest.mark.parametrize("extra", [[], ["--capacity-factor", "1.0"], ["--layout", "tp2,pp4,ep8,etp1,recompute,vpp7"]])
+def test_megatron_args_name_real_options(capsys, extra):
+    """Every flag the planner prints is a TransformerConfig field under Megatron-LM's generated-argument
+    convention, or one of its hand-written arguments; values parse as the field's type. (Checked against
+    a Megatron-LM core_v0.19.0 checkout's parse_args/validate_args by scripts/check_megatron_lm_args.py.)"""
+    import dataclasses
+
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    flags = {}  # Megatron-LM's generated flag -> (field, whether the flag is a bare switch)
+    for f in dataclasses.fields(TransformerConfig):
+        meta = f.metadata.get("argparse_meta", {})
+        is_switch = f.type in (bool, "bool")
+        if "arg_names" in meta:
+            names = meta["arg_names"]
+        elif is_switch and f.default is True:
+            names = [f"--no-{f.name}".replace("_", "-"), f"--disable-{f.name}".replace("_", "-")]
+        else:
+            names = [f"--{f.name}".replace("_", "-")]
+        flags.update({n: (f, is_switch) for n in names})
+    rc, out, _ = run(capsys, "--model", "qwen2-57b-a14b", "--gpus", "64", "--top", "1", "--json", *extra)
+    assert rc == 0
+    data = json.loads(out)
+    args = (data if "megatron_args" in data else data["results"][0])["megatron_args"]
+    assert len(args) == len({a.split("=")[0] for a in args})  # no flag twice
+    for arg in args:
+        flag, _, value = arg.partition("=")
+        if flag in _HAND_WRITTEN_MEGATRON_LM_ARGS:
+            continue
+        assert flag in flags, f"{flag} is neither a TransformerConfig argument nor a hand-written Megatron-LM one"
+        field, is_switch = flags[flag]
+        assert is_switch == (not value), f"{arg}: field {field.name} of type {field.type}"
