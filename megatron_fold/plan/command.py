@@ -105,6 +105,11 @@ def _one_layout(args, model, gpu, cf) -> int:
     fits = "fits" if est.fits else f"DOES NOT FIT in {gpu.memory_gb:g} GB"
     lines = [_header(), _row(1, est), "", _placement(layout) + f"; memory: {fits}", ""] + _breakdown(est)
     lines += ["", "Megatron-LM arguments: " + " ".join(est.megatron_args)]
+    from megatron_fold.cli import layout_warnings  # the same advice `explain` gives
+
+    warnings = layout_warnings(layout)
+    if warnings:
+        lines += ["", "warnings:"] + [f"  - {w}" for w in warnings]
     print("\n".join(lines))
     return 0
 

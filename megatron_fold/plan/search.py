@@ -140,7 +140,7 @@ def plan(m: ModelSpec, gpu: GPUSpec, world: int, gpus_per_node: int, seq: int, g
         )
     if not fitting:
         raise ValueError(
-            f"none of the {evaluated} layouts of {m.name} on {world} {gpu.name} GPUs fits in {gpu.memory_gb:g} GB "
+            f"none of the {evaluated} choices ({len(layouts)} layouts x VPP x micro-batch x recompute) of {m.name} on {world} {gpu.name} GPUs fits in {gpu.memory_gb:g} GB "
             f"(global batch {global_batch}, sequence {seq}); the smallest, {smallest[1]}, needs {smallest[0]:.1f} GB "
             "per GPU: use more GPUs or a GPU with more memory"
         )

@@ -81,7 +81,7 @@ def test_hf_config(tmp_path, capsys):
 @pytest.mark.parametrize("argv,message", [
     (["--model", "gpt-5", "--gpus", "8"], "unknown model 'gpt-5'; presets: mixtral-8x7b"),
     (["--model", "mixtral-8x7b", "--gpus", "8", "--gpu", "tpu"], "unknown GPU 'tpu'"),
-    (["--model", "mixtral-8x22b", "--gpus", "8"], "none of the 5386 layouts of mixtral-8x22b on 8 h100 GPUs fits"),
+    (["--model", "mixtral-8x22b", "--gpus", "8"], "none of the 5386 choices (146 layouts x VPP x micro-batch x recompute) of mixtral-8x22b on 8 h100 GPUs fits"),
     (["--model", "mixtral-8x7b", "--gpus", "7", "--gpus-per-node", "7"],
      "global batch 256 is not divisible by the data-parallel size of any of the 2 layouts"),
     (["--model", "mixtral-8x7b", "--gpus", "64", "--layout", "tp3,ep8"], "TP values that fit"),
