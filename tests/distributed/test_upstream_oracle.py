@@ -2,8 +2,9 @@
 
 Both layers get the same full weights and inputs on every rank; outputs, input gradients and every
 local parameter gradient must match. Covered: dropless and subsequence-scope dropping (Megatron's
-semantics, "probs" policy), with and without padding to capacity, against the allgather and alltoall
-dispatchers.
+semantics, "probs" policy), with and without padding to capacity, with and without a shared expert,
+plain and SwiGLU experts, top-1/2/8 over 8 and 64 experts, against the allgather and alltoall
+dispatchers, on 7 folded layouts (TP x CP and PP among them).
 """
 
 import pytest
@@ -23,6 +24,8 @@ LAYOUTS = [
     ("cp2-ep4", dict(cp=2, ep=4, etp=1)),
     ("ep8", dict(ep=8)),
     ("etp2-ep4", dict(tp=1, ep=4, etp=2)),
+    ("tp2-cp2-ep2-etp1", dict(tp=2, cp=2, ep=2, etp=1)),
+    ("tp2-pp2-ep4-etp1", dict(tp=2, pp=2, ep=4, etp=1)),
 ]
 MODES = {
     "dropless": dict(),
@@ -31,6 +34,10 @@ MODES = {
     # a 0/1 map, i.e. an arbitrary subset of equal keys; ours keeps the earliest positions
     # (tests/test_router.py checks it against a brute-force reference).
     "drop-pad": dict(moe_expert_capacity_factor=1.0, moe_pad_expert_input_to_capacity=True),
+    # Without a shared expert, with SwiGLU experts: many experts, wide top-k; and top-1 drop-and-pad.
+    "dropless-swiglu-e64-top8": dict(num_moe_experts=64, moe_router_topk=8, shared=False, swiglu=True),
+    "drop-pad-top1": dict(moe_router_topk=1, moe_router_pre_softmax=True, moe_expert_capacity_factor=1.5,
+                          moe_pad_expert_input_to_capacity=True, shared=False),
 }
 DISPATCHERS = ["allgather", "alltoall"]
 
@@ -51,8 +58,10 @@ def _compare(rank, world_size, layout_kwargs):
         x, w = torch.randn(SEQ, BATCH, HIDDEN, generator=g), torch.randn(SEQ, BATCH, HIDDEN, generator=g)
         results = {}
         for mode, extra in MODES.items():
+            extra = dict(extra)
+            shared, swiglu = extra.pop("shared", True), extra.pop("swiglu", False)
             for dispatcher in DISPATCHERS:
-                config = ref.make_moe_config(layout, hidden_size=HIDDEN, shared_expert=True,
+                config = ref.make_moe_config(layout, hidden_size=HIDDEN, shared_expert=shared, swiglu=swiglu,
                                              moe_token_dispatcher_type=dispatcher, **extra)
                 weights = ref.full_moe_weights(config, seed=3)
                 upstream = get_moe_module_spec(use_te=False, num_experts=config.num_moe_experts)(
