@@ -55,6 +55,12 @@ def padded_tokens_per_expert(
     `local_seq_len` tokens and the sequence sends at most `ceil(seq_len*topk/E*cf)` to one expert,
     and a token goes to an expert at most once, so a rank sends at most
     local_batch * min(local_seq_len, sequence capacity) tokens to one expert.
+
+    The bound is tight (all of a sequence's kept tokens for one expert may sit on one rank) and it is
+    the price of static shapes: once TP x CP >= E / (topk * cf) it is every local token, E / topk
+    times the rows a balanced router sends (4x for 8 experts top-2, 8x for 64 experts top-8), where
+    subsequence scope pads to the local capacity. Prefer sequence scope without padding (no host
+    synchronisation beyond the count exchange) when those rows matter.
     """
     scope = DropScope.parse(scope)
     if scope is DropScope.SUBSEQUENCE:

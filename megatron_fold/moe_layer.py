@@ -29,8 +29,10 @@ __all__ = ["FoldMoELayer", "MoELayerMetrics"]
 class MoELayerMetrics:
     """One layer's routing and communication after its latest forward (and backward, if run).
 
-    tokens_per_expert: tokens each expert received over the layer's whole input (the attention
-    TP x CP group's tokens), after dropping; identical under every layout with sequence-scope dropping.
+    tokens_per_expert: tokens each expert received from this rank's micro-batch (the tokens of its
+    attention TP x CP group), after dropping; identical under every layout with sequence-scope dropping.
+    Other data-parallel replicas are not summed in (that would cost a collective over DP): an expert's
+    load on its EP rank is the sum over the EDP x (DP / EDP) replicas that feed it.
     """
 
     tokens_per_expert: list[int]
@@ -53,7 +55,9 @@ class FoldMoELayer(MoELayer):
 
     Plugin-only options (spec parameters, not TransformerConfig fields):
       drop_scope: "subsequence" (Megatron's per-rank capacity) or "sequence" (layout-invariant).
-      check_finite: raise, naming the layer, when router scores are NaN or infinite.
+      check_finite: raise, naming the layer, when router scores are NaN or infinite. Costs one
+        all-reduce of one integer over TP x DP x CP and one host synchronisation per forward (so
+        drop-and-pad is free of host synchronisation only with check_finite=False).
       metrics: keep per-forward token counts for metrics() (no collective on the training path
         either way; False also skips the counting).
     """

@@ -33,6 +33,9 @@ Differences from upstream, all in cases where upstream's result is left to a ker
   is arbitrary (on CPU, e.g. rows 9, 0 and 7 rather than 0, 1, 2). We keep the earliest tokens, as the
   policy's name promises; the number kept per expert is the same.
 - "probs" policy: a routed token with probability exactly 0 always beats an unrouted slot.
+- Expert-bias counts with drop-and-pad: upstream counts its returned map, i.e. the capacity mask, so
+  every expert counts exactly its capacity and aux-loss-free balancing never moves the bias. Ours
+  counts the tokens each expert really kept (padding is the dispatcher's business, see above).
 Like upstream, padding tokens (padding_mask) compete for capacity; they are excluded from the token
 counts, the expert-bias counts and the aux losses. Upstream's expert-bias count with a padding mask
 fails to broadcast ([tokens, E] & [tokens]); ours masks rows.
