@@ -31,8 +31,8 @@ class MoELayerMetrics:
 
     tokens_per_expert: tokens each expert received from this rank's micro-batch (the tokens of its
     attention TP x CP group), after dropping; identical under every layout with sequence-scope dropping.
-    Other data-parallel replicas are not summed in (that would cost a collective over DP): an expert's
-    load on its EP rank is the sum over the EDP x (DP / EDP) replicas that feed it.
+    Other data-parallel replicas are not summed in (that would cost a collective over DP); the rows
+    each local expert really processed on this rank are `layer.token_dispatcher.last_tokens_per_local_expert`.
     """
 
     tokens_per_expert: list[int]
