@@ -15,8 +15,9 @@ and costs nothing), as counted in `comm_counter` under these kinds:
   backward, every mode (4): all_to_all_v.backward x2, all_gather_v.backward, reduce_scatter_v.backward
 The count exchange is the only host synchronisation (split sizes must be known on the host before an
 uneven all-to-all): each rank sends every rank of its ETP x EP group the counts for that rank's
-experts (L integers; Megatron all-gathers all E counts), and one device-to-host copy reads them with
-this rank's own counts. Drop-and-pad needs neither: every (rank, expert) block has the static size
+experts (L integers, plus the most experts one of its tokens is routed to, so that a malformed map
+on one rank fails the whole group; Megatron all-gathers all E counts), and one device-to-host copy
+reads them with this rank's own counts. Drop-and-pad needs neither: every (rank, expert) block has the static size
 `capacity.padded_tokens_per_expert`, so it runs without any host synchronisation.
 
 Summation is deterministic everywhere (no atomic accumulation into a kept value): a token's expert outputs are placed in a
@@ -167,27 +168,33 @@ class FlexFoldDispatcher(MoETokenDispatcher):
         N = routing_map.shape[0]
         counts = routing_map.sum(dim=0)  # [E] int64
         per_token = routing_map.sum(dim=1).amax().reshape(1) if N else counts.new_zeros(1)
-        received = self._exchange_counts(counts)  # [T, P, L]: rows (t, s) sends to each of my experts
-        host = torch.cat([counts, received.reshape(-1), per_token]).tolist()  # the one host synchronisation
-        own, received, per_token = host[:E], host[E:E + T * P * L], host[-1]
-        if per_token > self.topk:
-            raise ValueError(f"a token is routed to {per_token} experts but moe_router_topk is {self.topk}")
+        # The widest token travels with the counts, so a bad map on one rank stops every rank of the
+        # ETP x EP group here instead of leaving its peers blocked in the all-to-all that follows.
+        received, widest = self._exchange_counts(counts, per_token)  # [T, P, L]: rows (t, s) sends to my experts
+        host = torch.cat([counts, received.reshape(-1), per_token, widest]).tolist()  # the one host synchronisation
+        own, received, per_token, widest = host[:E], host[E:E + T * P * L], host[-2], host[-1]
+        if widest > self.topk:
+            raise ValueError(f"a token is routed to {widest} experts but moe_router_topk is {self.topk} "
+                             f"({per_token} on this rank, {widest} on the ranks of its ETP x EP group)")
         self._set_splits(own, [[received[(t * P + s) * L:(t * P + s + 1) * L] for s in range(P)] for t in range(T)])
         expert_major = routing_map.t().reshape(-1)  # [E*N]
         index = torch.nonzero_static(expert_major, size=sum(own)).squeeze(1)  # no second synchronisation
         expert, token = torch.div(index, N, rounding_mode="floor"), index % N
         return token * E + expert
 
-    def _exchange_counts(self, counts: torch.Tensor) -> torch.Tensor:
+    def _exchange_counts(self, counts: torch.Tensor, per_token: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One all-to-all over ETP x EP: rank (t, p) receives, from every (t', s), the L counts of
-        the tokens (t', s) routes to p's experts. -> [T, P, L] on the counts' device."""
+        the tokens (t', s) routes to p's experts, and the most experts any of their tokens is routed
+        to. -> ([T, P, L], [1]) on the counts' device."""
         P, L, T = self.ep_size, self.num_local_experts, self.tp_size
         if T * P == 1:
-            return counts.view(1, 1, L)
-        send = counts.view(P, 1, L).expand(P, T, L).reshape(P * T, L)  # row t + T*p -> tp_ep rank t + T*p
+            return counts.view(1, 1, L), per_token
+        rows = torch.cat([counts.view(P, L), per_token.expand(P).view(P, 1)], dim=1)  # [P, L+1]
+        send = rows.view(P, 1, L + 1).expand(P, T, L + 1).reshape(P * T, L + 1)  # row t + T*p -> rank t + T*p
         (recv,) = exchange_rows([send], [1] * (T * P), [1] * (T * P), self.tp_ep_group, self.comm_counter,
                                 "all_to_all_counts")
-        return recv.view(P, T, L).transpose(0, 1)
+        recv = recv.view(P, T, L + 1).transpose(0, 1)
+        return recv[..., :L], recv[..., L].amax().reshape(1)
 
     def _padded_pairs(self, routing_map: torch.Tensor) -> torch.Tensor:
         """Static layout: expert e owns rows [e*C, (e+1)*C); free rows point at padding (pair N*E)."""

@@ -169,6 +169,10 @@ def _bad_input(rank, layout, pgs, ep_rank):
     dropless = ref.make_moe_config(layout, hidden_size=H, num_moe_experts=E, moe_router_topk=2)
     d = FlexFoldDispatcher(L, local, dropless, pgs)
     catch("too-many-experts", lambda: d.dispatch_preprocess(x, everything, everything.float()))
+    # Only rank 3's map is malformed: the count exchange carries it, so every rank raises.
+    top2 = torch.zeros(S * B, E, dtype=torch.bool)
+    top2[:, :2] = True
+    catch("one-rank-too-many", lambda: d.dispatch_preprocess(x, everything if rank == 3 else top2, top2.float()))
     catch("map-shape", lambda: d.dispatch_preprocess(x, everything[:5], everything.float()))
     catch("map-dtype", lambda: d.dispatch_preprocess(x, everything.float(), everything.float()))
     catch("indices", lambda: FlexFoldDispatcher(L, [e + 1 for e in local], dropless, pgs))
@@ -222,7 +226,7 @@ def _expected_traffic(layout, maps, rank, E, padded):
         sent[kind] = sent.get(kind, 0) + nbytes
 
     if padded is None and P * T > 1:
-        add("all_to_all_counts", (P * T - 1) * L * 8)
+        add("all_to_all_counts", (P * T - 1) * (L + 1) * 8)  # L counts + the widest token, int64
     if P > 1:
         add("all_to_all_v", (sum(send) - send[p_me]) * dispatch_row)  # dispatch
         add("all_to_all_v", (sum(recv) - recv[p_me]) * combine_row)  # combine
@@ -276,6 +280,9 @@ def test_dispatch_combine_matches_closed_form(layout_name):
             msgs = results[rank]["errors"]
             assert "received 8 tokens on this rank but drop-and-pad blocks hold 2" in msgs["over-capacity"]
             assert "routed to 8 experts but moe_router_topk is 2" in msgs["too-many-experts"]
+            mine = 8 if rank == 3 else 2
+            assert (f"routed to 8 experts but moe_router_topk is 2 ({mine} on this rank, 8 on the ranks of its "
+                    "ETP x EP group)") in msgs["one-rank-too-many"]
             assert "[tokens, experts] = [8, 8], got torch.bool [5, 8]" in msgs["map-shape"]
             assert "got torch.float32 [8, 8]" in msgs["map-dtype"]
             assert "local_expert_indices=" in msgs["indices"]
