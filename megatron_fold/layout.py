@@ -205,9 +205,9 @@ class FoldedLayout:
             return [f"sizes must be positive integers, got {', '.join(bad)}"]
 
         tokens = self.order.split("-")
-        if sorted(tokens) != sorted(_DIMS):
+        if any(t not in _DIMS for t in tokens) or len(set(tokens)) != len(tokens):
             out.append(
-                f"order {self.order!r} must name each of tp, cp, ep, dp, pp exactly once "
+                f"order {self.order!r} must name each of tp, cp, ep, dp, pp at most once "
                 f"(e.g. {DEFAULT_ORDER!r}, or {TP_PP_DP_ORDER!r} for --use-tp-pp-dp-mapping)"
             )
         W = self.world_size
@@ -231,6 +231,20 @@ class FoldedLayout:
             )
         if out:
             return out
+        # Like Megatron's RankGenerator, an order may leave out dimensions of size 1 (in both grids).
+        sized = {"tp": [("TP", self.tp), ("ETP", self.etp)], "cp": [("CP", self.cp)], "ep": [("EP", self.ep)],
+                 "dp": [("DP", self.dp), ("EDP", self.edp)], "pp": [("PP", self.pp)]}
+        left_out = [" / ".join(f"{n} = {v}" for n, v in sized[d]) for d in _DIMS
+                    if d not in tokens and any(v > 1 for _, v in sized[d])]
+        if left_out:
+            return [f"order {self.order!r} leaves out {', '.join(left_out)}: an order may omit only dimensions "
+                    f"of size 1; name them, e.g. {DEFAULT_ORDER!r}"]
+        if "tp" not in tokens:
+            # Megatron-Core 0.19 injects a 'gtp_remat' axis and then tests `"tp" in order` as a
+            # substring, so a left-out tp is never appended and its generator fails on every group.
+            return [f"order {self.order!r} leaves out tp, which megatron-core 0.19 cannot build (its rank "
+                    "generator mistakes the 'gtp_remat' axis it injects for tp); name tp, e.g. "
+                    f"{'tp-' + self.order!r}"]
         # Megatron asserts this in initialize_model_parallel: with PP not outermost the two grids only
         # share PP groups when both have the same DP size.
         if not self.order.endswith("pp") and self.pp > 1 and self.edp != self.dp:
@@ -255,8 +269,13 @@ class FoldedLayout:
             if grid == "attention"
             else {"tp": self.etp, "cp": 1, "ep": self.ep, "dp": self.edp, "pp": self.pp}
         )
-        tokens = self.order.split("-")
+        tokens = self._order_tokens()
         return tokens, [size[t] for t in tokens]
+
+    def _order_tokens(self) -> list[str]:
+        """The order with left-out (size-1) dimensions appended, as Megatron's RankGenerator does."""
+        tokens = self.order.split("-")
+        return tokens + [d for d in ("tp", "pp", "dp", "ep", "cp") if d not in tokens]
 
     def _canonical(self, grid: str, token: str) -> tuple[tuple[int, ...], tuple[bool, ...]]:
         tokens, sizes = self._grid(grid)

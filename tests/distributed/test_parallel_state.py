@@ -18,6 +18,7 @@ LAYOUTS = [
     (16, dict(tp=4, cp=2, ep=8, etp=1)),                              # EP spans TP x CP x DP
     (16, dict(tp=2, pp=2, ep=2, etp=1, order="tp-cp-ep-pp-dp")),      # --use-tp-pp-dp-mapping
     (16, dict(tp=1, cp=2, pp=4, ep=2, etp=2)),                        # ETP > TP, PP 4
+    (8, dict(tp=2, pp=2, ep=4, etp=1, order="tp-ep-dp-pp")),           # an order without cp (CP = 1)
 ]
 
 
