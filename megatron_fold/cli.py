@@ -35,43 +35,6 @@ def _layout_from_args(args) -> FoldedLayout:
     )
 
 
-def layout_warnings(layout: FoldedLayout) -> list[str]:
-    """Advice worth acting on; each names the numbers and what to change."""
-    out = []
-    gpn = layout.gpus_per_node
-    if not layout.intra_node("tp_ep"):
-        out.append(
-            f"the ETP x EP group ({layout.etp} x {layout.ep} = {layout.etp * layout.ep} ranks) crosses nodes "
-            f"({gpn} GPUs per node): the MoE all-to-all then runs over the network; the paper keeps "
-            "ETP x EP inside a node where it can"
-        )
-    if not layout.intra_node("tp"):
-        out.append(f"TP {layout.tp} is larger than a node ({gpn} GPUs): tensor-parallel all-reduces cross the network")
-    if layout.etp > 1:
-        out.append(
-            f"ETP {layout.etp} > 1: the paper and Megatron-Core recommend ETP = 1 (expert GEMMs are already "
-            "small; ETP adds an all-gather and a reduce-scatter per MoE layer); try --etp 1 with a larger EP"
-        )
-    if layout.tp > 1:
-        out.append(
-            f"TP {layout.tp} > 1: megatron-core 0.19's MoELayer refuses to train with TP > 1 unless "
-            "--sequence-parallel is set (and its torch LayerNorm fallback refuses sequence parallelism, so "
-            "this needs Transformer Engine or Apex)"
-        )
-    if layout.etp > 1:
-        out.append(
-            f"ETP {layout.etp} > 1: megatron-core 0.19 rejects --add-bias-linear for MoE layers unless ETP = 1"
-        )
-    if layout.order != DEFAULT_ORDER and layout.pp > 1:
-        out.append(
-            f"order {layout.order!r} with PP > 1 forces EDP == DP (ETP*EP == TP*CP): folding is "
-            f"restricted; order {DEFAULT_ORDER!r} folds freely"
-        )
-    if layout.num_experts is None and layout.ep > 1:
-        out.append("pass --num-experts to check that the experts divide evenly over EP")
-    return out
-
-
 def explain_dict(layout: FoldedLayout, rank: int | None = None) -> dict:
     rank_view = {} if rank is None else {"rank": {
         "rank": rank, "node": layout.node_of(rank), "coords": layout.rank_coords(rank),
@@ -85,8 +48,8 @@ def explain_dict(layout: FoldedLayout, rank: int | None = None) -> dict:
         "folded": layout.is_folded,
         "intra_node": {name: layout.intra_node(name) for name in GROUP_NAMES},
         "groups": {name: layout.groups(name) for name in GROUP_NAMES},
-        "megatron_args": layout.megatron_args(),
-        "warnings": layout_warnings(layout),
+        "megatron_args": layout.megatron_args() if layout.megatron_lm_order() else None,
+        "warnings": layout.warnings(),
     }
 
 
@@ -140,8 +103,9 @@ def explain_text(layout: FoldedLayout, rank: int | None) -> str:
         lines.append("groups:")
         for name in GROUP_NAMES:
             lines.append(f"  {name:<9} {_compact(layout.groups(name))}")
-    lines += ["", "Megatron-LM arguments: " + " ".join(layout.megatron_args())]
-    warnings = layout_warnings(layout)
+    lines += ["", "Megatron-LM arguments: " + (" ".join(layout.megatron_args()) if layout.megatron_lm_order()
+                                               else "none select this order (see warnings)")]
+    warnings = layout.warnings()
     if warnings:
         lines += ["", "warnings:"] + [f"  - {w}" for w in warnings]
     return "\n".join(lines)

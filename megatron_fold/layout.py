@@ -12,6 +12,7 @@ default "tp-cp-ep-dp-pp" puts TP peers on adjacent ranks and PP stages furthest 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass, field
@@ -174,14 +175,44 @@ class FoldedLayout:
     def is_folded(self) -> bool:
         """True for a layout only MoE Parallel Folding can build.
 
-        The others are *coupled*: ETP = TP and every EP group inside one DP x CP group, the expert grid
-        Megatron-Core built before folding (EP carved out of the data- and context-parallel ranks, TP
-        shared by attention and experts). For a valid layout "EP groups inside DP x CP groups" is
-        exactly "EP divides DP x CP" (tests/test_layout.py checks the groups), so sizes decide it.
+        The others are *coupled*: experts share attention's TP groups (ETP groups = TP groups) and every
+        EP group lies inside one DP x CP group, the expert grid Megatron-Core built before folding (EP
+        carved out of the data- and context-parallel ranks). Decided on the groups, since an order
+        other than Megatron-LM's two can give equal sizes different groups.
         """
-        return not (self.etp == self.tp and (self.cp * self.dp) % self.ep == 0)
+        key = ("is_folded",)
+        if key not in self._groups_cache:
+            coupled = self.groups("etp") == self.groups("tp")
+            if coupled and self.ep > 1:
+                dp_cp_of = {r: i for i, g in enumerate(self.groups("dp_cp")) for r in g}
+                coupled = all(len({dp_cp_of[r] for r in g}) == 1 for g in self.groups("ep"))
+            self._groups_cache[key] = not coupled
+        return self._groups_cache[key]
+
+    def megatron_lm_order(self) -> str | None:
+        """The Megatron-LM order (DEFAULT_ORDER, or TP_PP_DP_ORDER via --use-tp-pp-dp-mapping) that builds
+        exactly this layout's groups, or None when only Megatron-Core's `order=` argument reaches them."""
+        if self.order in (DEFAULT_ORDER, TP_PP_DP_ORDER):
+            return self.order
+        for order in (DEFAULT_ORDER, TP_PP_DP_ORDER):
+            try:
+                other = dataclasses.replace(self, order=order)
+            except LayoutError:
+                continue
+            if all(other.groups(name) == self.groups(name) for name in GROUP_NAMES):
+                return order
+        return None
 
     def megatron_args(self) -> list[str]:
+        """Megatron-LM arguments that build this layout; ValueError when its order is not one
+        Megatron-LM can select (see megatron_lm_order)."""
+        order = self.megatron_lm_order()
+        if order is None:
+            raise ValueError(
+                f"order {self.order!r} builds groups that neither Megatron-LM order ({DEFAULT_ORDER!r}, or "
+                f"{TP_PP_DP_ORDER!r} with --use-tp-pp-dp-mapping) builds; pass it to Megatron-Core's "
+                "initialize_model_parallel(order=...) directly (megatron_fold.parallel_state does)"
+            )
         args = [
             f"--tensor-model-parallel-size={self.tp}",
             f"--context-parallel-size={self.cp}",
@@ -189,9 +220,47 @@ class FoldedLayout:
             f"--expert-model-parallel-size={self.ep}",
             f"--expert-tensor-parallel-size={self.etp}",
         ]
-        if self.order == TP_PP_DP_ORDER:
+        if order == TP_PP_DP_ORDER:
             args.append("--use-tp-pp-dp-mapping")
         return args
+
+    def warnings(self, *, sequence_parallel: bool | None = None, add_bias_linear: bool | None = None) -> list[str]:
+        """Advice worth acting on, each naming the numbers and what to change. `sequence_parallel` and
+        `add_bias_linear` say what the run sets (None: unknown, so the advice covers both)."""
+        out = []
+        gpn = self.gpus_per_node
+        if not self.intra_node("tp_ep"):
+            out.append(
+                f"the ETP x EP group ({self.etp} x {self.ep} = {self.etp * self.ep} ranks) crosses nodes "
+                f"({gpn} GPUs per node): the MoE all-to-all then runs over the network; the paper keeps "
+                "ETP x EP inside a node where it can")
+        if not self.intra_node("tp"):
+            out.append(f"TP {self.tp} is larger than a node ({gpn} GPUs): tensor-parallel all-reduces cross the network")
+        if self.etp > 1:
+            out.append(
+                f"ETP {self.etp} > 1: the paper and Megatron-Core recommend ETP = 1 (expert GEMMs are already "
+                "small; ETP adds an all-gather and a reduce-scatter per MoE layer); try --etp 1 with a larger EP")
+        if self.tp > 1:
+            norm = ("megatron-core 0.19's torch LayerNorm fallback refuses sequence parallelism, so this needs "
+                    "Transformer Engine or Apex")
+            if sequence_parallel:
+                out.append(f"TP {self.tp} > 1 with sequence parallelism: {norm}")
+            else:
+                out.append(f"TP {self.tp} > 1: megatron-core 0.19's MoELayer refuses to train with TP > 1 unless "
+                           f"--sequence-parallel is set (and {norm})")
+        if self.etp > 1 and add_bias_linear is not False:
+            out.append(f"ETP {self.etp} > 1: megatron-core 0.19 rejects --add-bias-linear for MoE layers unless ETP = 1")
+        if not self.order.endswith("pp") and self.pp > 1:
+            out.append(
+                f"order {self.order!r} does not end with pp, so with PP > 1 Megatron requires EDP == DP "
+                f"(ETP*EP == TP*CP): folding is restricted; order {DEFAULT_ORDER!r} folds freely")
+        if self.megatron_lm_order() is None:
+            out.append(
+                f"order {self.order!r} builds groups neither Megatron-LM order builds: no Megatron-LM argument "
+                "selects it; pass it to Megatron-Core's initialize_model_parallel(order=...)")
+        if self.num_experts is None and self.ep > 1:
+            out.append("pass --num-experts to check that the experts divide evenly over EP")
+        return out
 
     # ---- validation ----------------------------------------------------------------------------
     def _violations(self) -> list[str]:

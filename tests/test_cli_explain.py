@@ -83,3 +83,17 @@ def test_invalid_layout_exits_2_without_traceback():
 def test_rank_outside_world_exits_2(capsys):
     rc, _, err = run(capsys, *MIXTRAL, "--rank", "128")
     assert rc == 2 and "--rank 128 is outside the world of 128 ranks" in err
+
+
+def test_order_warnings_follow_the_groups(capsys):
+    # tp-dp-pp ends with pp: the default order's groups, no EDP == DP restriction, plain arguments.
+    rc, out, _ = run(capsys, "--world", "16", "--tp", "2", "--pp", "2", "--etp", "1", "--order", "tp-dp-pp", "--json")
+    data = json.loads(out)
+    assert rc == 0 and not any("does not end with pp" in w for w in data["warnings"])
+    assert "--use-tp-pp-dp-mapping" not in data["megatron_args"]
+    # An order Megatron-LM cannot select: no arguments, and a warning that says why.
+    _, out, _ = run(capsys, "--world", "8", "--tp", "2", "--cp", "2", "--ep", "2", "--etp", "2",
+                    "--order", "cp-tp-ep-dp-pp")
+    assert "Megatron-LM arguments: none select this order" in out
+    assert "builds groups neither Megatron-LM order builds" in out
+    assert "(folded)" in out  # ETP groups [0, 1] are not the TP groups [0, 2]

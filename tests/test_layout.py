@@ -209,8 +209,9 @@ def test_at_least_200_valid_layouts_equal_rank_generator():
 
 
 def test_folded_means_ep_outside_dp_cp_or_etp_differs():
-    """is_folded decides on sizes; the definition is on groups: coupled = ETP == TP and every EP group
-    inside one DP x CP group. Both agree on every valid layout of several worlds and both orders."""
+    """Coupled (not folded) = experts on attention's TP groups and every EP group inside one DP x CP
+    group. Under Megatron-LM's two orders that is the closed form "ETP == TP and EP divides DP x CP",
+    checked on every valid layout of several worlds; other orders are decided by the groups."""
     import itertools
 
     checked = folded = 0
@@ -221,12 +222,26 @@ def test_folded_means_ep_outside_dp_cp_or_etp_differs():
                 layout = FoldedLayout(world, tp=tp, cp=cp, pp=pp, ep=ep, etp=etp, order=order)
             except LayoutError:
                 continue
-            dp_cp_of = {r: i for i, g in enumerate(layout.groups("dp_cp")) for r in g}
-            inside = all(len({dp_cp_of[r] for r in g}) == 1 for g in layout.groups("ep"))
-            assert layout.is_folded == (not (etp == tp and inside)), layout
+            assert layout.is_folded == (not (etp == tp and (cp * layout.dp) % ep == 0)), layout
             checked += 1
             folded += layout.is_folded
     assert checked > 1000 and 0 < folded < checked
     # EP spread over CP ranks with ETP = TP is coupled (Megatron built EP from DP x CP before folding).
     assert not FoldedLayout(8, cp=2, ep=2).is_folded
     assert FoldedLayout(8, tp=2, ep=8, etp=1).is_folded and FoldedLayout(8, tp=2, ep=2, etp=1).is_folded
+    # Equal sizes, other groups: with cp before tp, TP groups are [0, 2], ... but ETP groups [0, 1], ...
+    odd = FoldedLayout(8, tp=2, cp=2, ep=2, etp=2, order="cp-tp-ep-dp-pp")
+    assert odd.groups("tp")[0] == [0, 2] and odd.groups("etp")[0] == [0, 1] and odd.is_folded
+
+
+def test_megatron_lm_order_and_arguments():
+    # An order naming only some dimensions builds the groups of one of Megatron-LM's two orders ...
+    assert FoldedLayout(16, tp=2, pp=2, order="tp-pp-dp").megatron_lm_order() == "tp-cp-ep-pp-dp"
+    assert FoldedLayout(16, tp=2, pp=2, order="tp-pp-dp").megatron_args()[-1] == "--use-tp-pp-dp-mapping"
+    assert FoldedLayout(16, tp=2, pp=2, order="tp-dp-pp").megatron_lm_order() == "tp-cp-ep-dp-pp"
+    assert "--use-tp-pp-dp-mapping" not in FoldedLayout(16, tp=2, pp=2, order="tp-dp-pp").megatron_args()
+    # ... or of neither, and then no Megatron-LM argument can select it.
+    odd = FoldedLayout(8, tp=2, cp=2, ep=2, etp=2, order="cp-tp-ep-dp-pp")
+    assert odd.megatron_lm_order() is None
+    with pytest.raises(ValueError, match="neither Megatron-LM order"):
+        odd.megatron_args()

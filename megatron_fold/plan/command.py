@@ -84,7 +84,12 @@ def _placement(layout: FoldedLayout) -> str:
 
 
 def _as_dict(est) -> dict:
-    return est.to_dict() | {"coupled": is_coupled(est.choice.layout)}
+    return est.to_dict() | {"coupled": is_coupled(est.choice.layout), "warnings": _warnings(est.choice.layout)}
+
+
+def _warnings(layout: FoldedLayout) -> list[str]:
+    # The planner's arguments set --sequence-parallel with TP > 1 and --disable-bias-linear.
+    return layout.warnings(sequence_parallel=True, add_bias_linear=False)
 
 
 def _one_layout(args, model, gpu, cf) -> int:
@@ -105,9 +110,7 @@ def _one_layout(args, model, gpu, cf) -> int:
     fits = "fits" if est.fits else f"DOES NOT FIT in {gpu.memory_gb:g} GB"
     lines = [_header(), _row(1, est), "", _placement(layout) + f"; memory: {fits}", ""] + _breakdown(est)
     lines += ["", "Megatron-LM arguments: " + " ".join(est.megatron_args)]
-    from megatron_fold.cli import layout_warnings  # the same advice `explain` gives
-
-    warnings = layout_warnings(layout)
+    warnings = _warnings(layout)
     if warnings:
         lines += ["", "warnings:"] + [f"  - {w}" for w in warnings]
     print("\n".join(lines))

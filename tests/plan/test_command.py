@@ -163,3 +163,14 @@ def test_megatron_args_name_real_options(capsys, extra):
         assert flag in flags, f"{flag} is neither a TransformerConfig argument nor a hand-written Megatron-LM one"
         field, is_switch = flags[flag]
         assert is_switch == (not value), f"{arg}: field {field.name} of type {field.type}"
+
+
+def test_one_layout_warns_only_what_its_arguments_leave_open(capsys):
+    argv = ["--model", "qwen2-57b-a14b", "--gpus", "64", "--layout", "tp2,pp2,ep16,etp2,vpp7"]
+    rc, out, _ = run(capsys, *argv)
+    assert rc == 0
+    assert "ETP x EP group (2 x 16 = 32 ranks) crosses nodes" in out
+    assert "TP 2 > 1 with sequence parallelism" in out and "--add-bias-linear" not in out.split("warnings:")[1]
+    rc, out, _ = run(capsys, *argv, "--json")
+    assert rc == 0 and json.loads(out)["warnings"] == FoldedLayout(64, tp=2, pp=2, ep=16, etp=2, num_experts=64).warnings(
+        sequence_parallel=True, add_bias_linear=False)
