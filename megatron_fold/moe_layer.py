@@ -129,8 +129,6 @@ class FoldMoELayer(MoELayer):
         steps. That logging collective is not among the counted `collectives`, which describe the
         training path.
         """
-        if not self.router.record_token_counts:
-            raise RuntimeError(f"MoE layer {self.layer_number}: metrics are off (spec parameter metrics=False)")
         calls, sent = {}, {}
         for source, counter in (("router", self.router.comm_counter), ("dispatcher", self.token_dispatcher.comm_counter)):
             for kind, n in counter.calls.items():

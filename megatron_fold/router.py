@@ -121,7 +121,7 @@ class FoldRouter(TopKRouter):
             self.token_group, self.seq_tp_size, self.seq_tp_rank = self.cp_group, 1, 0
         self.comm_counter = CommCounter()
         self._member_coords: list[tuple[int, int]] | None = None  # (seq tp rank, cp rank) per token-group rank
-        self._order_cache: dict = {}  # (sequence length, device) -> _true_order
+        self._order_cache: tuple | None = None  # ((sequence length, device), _true_order)
 
         self._counts: torch.Tensor | None = None  # [2, E] int64: routed, kept (padding excluded)
         self._counts_reduced = False  # whether _counts already cover the whole token group
@@ -248,8 +248,8 @@ class FoldRouter(TopKRouter):
     def _reduced_counts(self) -> torch.Tensor:
         """[2, E] counts over the token group; the first call after a forward all-reduces them."""
         if not self.record_token_counts:
-            raise RuntimeError(f"MoE layer {self.layer_number}: token counts are off (record_token_counts=False, "
-                               "the spec's metrics=False)")
+            raise RuntimeError(f"MoE layer {self.layer_number}: metrics are off (spec parameter metrics=False, "
+                               "i.e. FoldRouter(record_token_counts=False))")
         if self._counts is None:
             raise RuntimeError(f"MoE layer {self.layer_number}: token counts read before the first forward")
         if not self._counts_reduced:
@@ -327,15 +327,14 @@ class FoldRouter(TopKRouter):
         return local_token_positions(full_len, tp_rank, self.seq_tp_size, cp_rank, self.cp_size, device)
 
     def _true_order(self, full_len: int, device) -> torch.Tensor:
-        """[S] index into the member-major gathered rows that puts them in true token order; built
-        once per sequence length (the layout never changes under a layer)."""
-        cached = self._order_cache.get((full_len, device))
-        if cached is None:
+        """[S] index into the member-major gathered rows that puts them in true token order; rebuilt
+        only when the sequence length changes (the layout never changes under a layer)."""
+        key = (full_len, device)
+        if self._order_cache is None or self._order_cache[0] != key:  # keep one: lengths rarely change
             held = torch.cat([self._positions(full_len, tp_rank, cp_rank, device)
                               for tp_rank, cp_rank in self._coords(device)])  # [S]: position of gathered row i
-            cached = torch.empty_like(held).scatter_(0, held, torch.arange(full_len, device=device))
-            self._order_cache[(full_len, device)] = cached
-        return cached
+            self._order_cache = (key, torch.empty_like(held).scatter_(0, held, torch.arange(full_len, device=device)))
+        return self._order_cache[1]
 
     def _coords(self, device) -> list[tuple[int, int]]:
         """(seq tp rank, cp rank) of every token-group member, in group order. Gathered once: group

@@ -9,12 +9,11 @@ Mixtral / Qwen2-MoE specs (and Megatron-LM's pretrain_gpt.py) build FoldMoELayer
 
 from __future__ import annotations
 
+import copy
 import functools
 
 from megatron.core.models.backends import BackendSpecProvider, LocalSpecProvider
 from megatron.core.models.gpt import gpt_layer_specs, moe_module_specs
-from megatron.core.transformer.mlp import MLPSubmodules
-from megatron.core.transformer.moe.moe_layer import MoESubmodules
 
 from megatron_fold.capacity import DropScope
 from megatron_fold.moe_layer import FoldMoELayer
@@ -39,23 +38,20 @@ def get_fold_moe_module_spec_for_backend(
     check_finite: bool = True,
     metrics: bool = True,
 ):
-    """Counterpart of Megatron's get_moe_module_spec_for_backend, building FoldMoELayer."""
+    """Counterpart of Megatron's get_moe_module_spec_for_backend, building FoldMoELayer.
+
+    Megatron's own builder composes the experts and shared experts for the backend; we keep its
+    submodules and swap only the layer class and the router.
+    """
     if num_experts is None:
         raise ValueError("get_fold_moe_module_spec_for_backend needs num_experts (the MoE block is for MoE layers)")
     drop_scope = DropScope.parse(drop_scope)
-    # As upstream: the backend's activation module is always handed to the shared expert (it is used
-    # only when config.use_te_activation_func asks for it); `use_te_activation_func` is accepted for
-    # signature compatibility and, as upstream, does not change the spec.
-    mlp = MLPSubmodules(
-        linear_fc1=backend.column_parallel_linear(),
-        linear_fc2=backend.row_parallel_linear(),
-        activation_func=backend.activation_func(),
-    )
-    experts = backend.grouped_mlp_modules(bool(moe_grouped_gemm))
-    shared_experts = functools.partial(moe_module_specs._build_shared_experts, submodules=mlp)
+    upstream = _ORIGINAL[moe_module_specs](backend, num_experts, moe_grouped_gemm, use_te_activation_func)
+    submodules = copy.copy(upstream.keywords["submodules"])
+    submodules.router = FoldRouter
     return functools.partial(
         FoldMoELayer,
-        submodules=MoESubmodules(experts=experts, shared_experts=shared_experts, router=FoldRouter),
+        submodules=submodules,
         drop_scope=drop_scope,
         check_finite=check_finite,
         metrics=metrics,

@@ -36,6 +36,9 @@ class MultiRankFailure(AssertionError):
     """A rank raised, or ranks timed out; the message carries every rank's story."""
 
 
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
 def _die_with_parent() -> None:
     """Ask Linux to SIGKILL this rank when the pytest process dies (killed by CI, a thread-method
     pytest-timeout, Ctrl-C twice): the parent's cleanup never runs then, and ranks blocked in gloo
@@ -45,9 +48,6 @@ def _die_with_parent() -> None:
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     except (OSError, AttributeError):
         pass
-
-
-_PR_SET_PDEATHSIG = 1
 
 
 def _rank_main(fn, rank, world_size, store_path, conn, stack_file, stack_after, parent_pid, args, kwargs):

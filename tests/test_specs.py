@@ -61,6 +61,3 @@ def test_submodules_equal_upstream_for_any_backend():
         for mine, theirs in ((ours.experts, upstream.experts), (ours.shared_experts, upstream.shared_experts)):
             assert mine.func is theirs.func and mine.keywords == theirs.keywords
 
-
-def test_metrics_option_reaches_the_layer():
-    assert specs.get_fold_moe_module_spec(use_te=False, num_experts=4, metrics=False).keywords["metrics"] is False

@@ -32,9 +32,11 @@ class ModelSpec:
     source: str = ""
 
     def megatron_args(self, seq_len: int) -> list[str]:
-        """Megatron-LM (core_v0.19) arguments that build this model: all presets and HF families are
-        RMSNorm, rotary, SwiGLU, bias-free except Qwen2's QKV bias. The vocabulary comes from the
-        tokenizer in Megatron-LM, so it is not among them."""
+        """Megatron-LM (core_v0.19) arguments for this model's shape, the part the planner models: all
+        presets and HF families are RMSNorm, rotary, SwiGLU, bias-free except Qwen2's QKV bias. Not
+        among them: the vocabulary (Megatron-LM takes it from the tokenizer) and numerics the cost does
+        not depend on (rotary base, norm epsilon, router score normalisation): take those from the
+        model's config."""
         args = [f"--num-layers={self.num_layers}", f"--hidden-size={self.hidden}",
                 f"--num-attention-heads={self.num_heads}", f"--kv-channels={self.head_dim}"]
         if self.num_query_groups != self.num_heads:

@@ -10,7 +10,6 @@ FoldedLayout is built, and placement is computed once per layout, so 1,024 GPUs 
 
 from __future__ import annotations
 
-
 from megatron_fold.layout import FoldedLayout, LayoutError
 from megatron_fold.plan.cost import Choice, Estimate, estimate, interleaving_violation, memory_gb
 from megatron_fold.plan.hardware import GPUSpec

@@ -24,6 +24,9 @@ from tests.multirank import run_on_ranks
 
 SEQ, BATCH, HIDDEN = 16, 2, 16
 
+# TP x CP = 8: the configs with 8-token micro-batches hold one token per rank.
+ONE_TOKEN_PER_RANK = "tp2-cp4-ep8-etp1"
+
 # (name, layout kwargs) on 8 ranks; all fold the expert grid differently from the attention grid.
 LAYOUTS = [
     ("tp2-ep4-etp1", dict(tp=2, ep=4, etp=1)),
@@ -39,7 +42,7 @@ LAYOUTS = [
     ("cp2-pp2-ep2-etp2", dict(cp=2, pp=2, ep=2, etp=2)),
     ("pp2-ep4", dict(pp=2, ep=4)),
     ("tp2-etp1-ep1", dict(tp=2, ep=1, etp=1)),          # EP 1, ETP != TP
-    ("tp2-cp4-ep8-etp1", dict(tp=2, cp=4, ep=8, etp=1)),  # TP x CP = 8: the tiny configs hold 1 token per rank
+    (ONE_TOKEN_PER_RANK, dict(tp=2, cp=4, ep=8, etp=1)),
 ]
 
 # Routing configurations run under every layout (one 8-rank run per layout covers them all).
@@ -61,22 +64,28 @@ CONFIGS = [
     # Load balancing through the whole layer: aux loss and z-loss gradients reach the router weight.
     dict(num_moe_experts=8, moe_router_topk=1, moe_router_pre_softmax=True, moe_expert_capacity_factor=1.0,
          drop_scope="sequence", moe_router_load_balancing_type="aux_loss", moe_aux_loss_coeff=0.1, moe_z_loss_coeff=0.01),
-    # Edge cases, on 8 tokens per micro-batch (1 per rank where TP x CP = 8):
-    # most of 64 experts get no token anywhere, and most EP ranks receive none;
-    dict(num_moe_experts=64, moe_router_topk=1, moe_router_pre_softmax=True, seq=8, batch=1),
+    # Edge cases, on 8 tokens per micro-batch (1 per rank where TP x CP = 8): most of 64 experts get no
+    # token anywhere, and some EP ranks receive none;
+    dict(num_moe_experts=64, moe_router_topk=1, moe_router_pre_softmax=True, seq=8, batch=1,
+         edge="idle-experts"),
     # capacity 1 per (sequence, expert): ranks whose only token is dropped send nothing at all;
     dict(num_moe_experts=8, moe_router_topk=1, moe_router_pre_softmax=True, moe_expert_capacity_factor=0.5,
-         drop_scope="sequence", seq=8, batch=1),
+         drop_scope="sequence", seq=8, batch=1, edge="silent-ranks"),
     # everything dropped but one token per (sequence, expert), padded to static blocks.
     dict(num_moe_experts=8, moe_router_topk=2, moe_expert_capacity_factor=0.25, drop_scope="sequence",
-         moe_pad_expert_input_to_capacity=True),
+         moe_pad_expert_input_to_capacity=True, edge="one-per-expert"),
 ]
-# What the edge-case configs must really exercise, checked on the single-rank reference.
-_EDGE_EXPECTATIONS = {
-    10: lambda m: sum(t == 0 for t in m.tokens_per_expert) >= 48,
-    11: lambda m: m.dropped_fraction > 0 and max(m.tokens_per_expert) == 1,
+# What the edge-case configs must really exercise: on the single-rank reference (its metrics) ...
+_EDGE_IN_REFERENCE = {
+    "idle-experts": lambda m: sum(t == 0 for t in m.tokens_per_expert) >= 56,  # 8 tokens, 64 experts
+    "silent-ranks": lambda m: m.dropped_fraction > 0 and max(m.tokens_per_expert) == 1,
     # at most one token per expert in each of the 2 sequences; 64 routed pairs, at most 16 kept
-    12: lambda m: max(m.tokens_per_expert) == 2 and m.dropped_fraction >= 0.75,
+    "one-per-expert": lambda m: max(m.tokens_per_expert) == 2 and m.dropped_fraction >= 0.75,
+}
+# ... and on the layout with one token per rank, per rank (rows received by its experts, rows sent).
+_EDGE_ON_RANKS = {
+    "idle-experts": lambda received, sent: 0 in received,
+    "silent-ranks": lambda received, sent: 0 in sent,
 }
 
 
@@ -89,7 +98,7 @@ def _micro_batch(replica: int, cfg: dict):
 
 
 def _build(cfg_kwargs, layout, pgs, weights):
-    cfg_kwargs = {k: v for k, v in cfg_kwargs.items() if k not in ("seq", "batch")}
+    cfg_kwargs = {k: v for k, v in cfg_kwargs.items() if k not in ("seq", "batch", "edge")}
     shared = cfg_kwargs.pop("shared", False)
     swiglu = cfg_kwargs.pop("swiglu", False)
     drop_scope = cfg_kwargs.pop("drop_scope", "subsequence")
@@ -153,7 +162,10 @@ def _multi_rank(rank, world_size, layout_kwargs, reference):
                 assert (p.grad is None) == (q.grad is None), name
                 assert p.grad is None or torch.equal(p.grad, q.grad), f"rank {rank} {cfg}: nondeterministic grad {name}"
             ref.reduce_grads_like_megatron(layer, pgs)
-            results.append((out, gx, ref.gather_full_grads(layer, pgs), layer.metrics()))
+            # Rows this rank's experts received, and rows it sent to experts (padding excluded here).
+            traffic = (int(layer.token_dispatcher.last_tokens_per_local_expert.sum()),
+                       sum(layer.token_dispatcher._send))
+            results.append((out, gx, ref.gather_full_grads(layer, pgs), layer.metrics(), traffic))
         return results
     finally:
         parallel_state.destroy_model_parallel()
@@ -168,15 +180,20 @@ def test_matches_single_rank(name, layout_kwargs):
         for *_, metrics in per_batch:  # a dropping config that drops nothing would test nothing
             if "moe_expert_capacity_factor" in cfg:
                 assert metrics.dropped_fraction > 0, (i, cfg)
-            if i in _EDGE_EXPECTATIONS:
-                assert _EDGE_EXPECTATIONS[i](metrics), (i, cfg, metrics)
+            if "edge" in cfg:
+                assert _EDGE_IN_REFERENCE[cfg["edge"]](metrics), (i, cfg, metrics)
     per_rank = run_on_ranks(_multi_rank, 8, layout_kwargs, reference, timeout=300)
+    if name == ONE_TOKEN_PER_RANK:
+        for i, cfg in enumerate(CONFIGS):
+            if cfg.get("edge") in _EDGE_ON_RANKS:
+                received, sent = zip(*(results[i][-1] for results in per_rank))
+                assert _EDGE_ON_RANKS[cfg["edge"]](received, sent), (cfg, received, sent)
     tol = dict(rtol=1e-5, atol=1e-5)
     for rank, results in enumerate(per_rank):
         c = layout.rank_coords(rank)
         replica = c["dp"] * layout.pp + c["pp"]
         shard = lambda t: shard_sequence(t, c["tp"], layout.tp, c["cp"], layout.cp)  # noqa: E731
-        for cfg, (weights, per_batch), (out, gx, grads, metrics) in zip(CONFIGS, reference, results):
+        for cfg, (weights, per_batch), (out, gx, grads, metrics, _) in zip(CONFIGS, reference, results):
             ref_out, ref_gx, _, ref_metrics = per_batch[replica]
             # Tokens per expert and the drop rate describe the replica's whole micro-batch: layout-free.
             assert metrics.tokens_per_expert == ref_metrics.tokens_per_expert, (rank, cfg)
@@ -246,4 +263,5 @@ def test_non_finite_router_scores_and_missing_groups_are_errors():
         assert "expert_model_parallel_size = 2 but pg_collection.ep has 4 ranks" in wrong_ep
         # Unchecked, the NaN stays in its own token's row: only rank 5's output holds it.
         assert nan_out == (rank == 5)
-        assert metrics_off == "MoE layer 1: metrics are off (spec parameter metrics=False)"
+        assert metrics_off == ("MoE layer 1: metrics are off (spec parameter metrics=False, i.e. "
+                               "FoldRouter(record_token_counts=False))")
