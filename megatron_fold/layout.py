@@ -194,14 +194,18 @@ class FoldedLayout:
         exactly this layout's groups, or None when only Megatron-Core's `order=` argument reaches them."""
         if self.order in (DEFAULT_ORDER, TP_PP_DP_ORDER):
             return self.order
-        for order in (DEFAULT_ORDER, TP_PP_DP_ORDER):
-            try:
-                other = dataclasses.replace(self, order=order)
-            except LayoutError:
-                continue
-            if all(other.groups(name) == self.groups(name) for name in GROUP_NAMES):
-                return order
-        return None
+        key = ("megatron_lm_order",)
+        if key not in self._groups_cache:  # explain asks for it several times
+            self._groups_cache[key] = None
+            for order in (DEFAULT_ORDER, TP_PP_DP_ORDER):
+                try:
+                    other = dataclasses.replace(self, order=order)
+                except LayoutError:
+                    continue
+                if all(other.groups(name) == self.groups(name) for name in GROUP_NAMES):
+                    self._groups_cache[key] = order
+                    break
+        return self._groups_cache[key]
 
     def megatron_args(self) -> list[str]:
         """Megatron-LM arguments that build this layout; ValueError when its order is not one

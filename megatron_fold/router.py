@@ -121,7 +121,7 @@ class FoldRouter(TopKRouter):
             self.token_group, self.seq_tp_size, self.seq_tp_rank = self.cp_group, 1, 0
         self.comm_counter = CommCounter()
         self._member_coords: list[tuple[int, int]] | None = None  # (seq tp rank, cp rank) per token-group rank
-        self._order_cache: tuple | None = None  # ((sequence length, device), _true_order)
+        self._order_cache: tuple | None = None  # ((sequence length, device), _token_order(...))
 
         self._counts: torch.Tensor | None = None  # [2, E] int64: routed, kept (padding excluded)
         self._counts_reduced = False  # whether _counts already cover the whole token group
@@ -309,31 +309,36 @@ class FoldRouter(TopKRouter):
         key = key.view(seq_length, bsz, E)  # [S_local, B, E]
         full_len = seq_length * self.seq_tp_size * self.cp_size
         group_size = dist.get_world_size(self.token_group)
-        mine = self._positions(full_len, self.seq_tp_rank, self.cp_rank, key.device)
         if group_size == 1:
             full = key  # [S, B, E]
         else:
+            true_order, mine = self._token_order(full_len, key.device)
             gathered = key.new_empty(group_size * seq_length, bsz, E)  # group members' rows, member-major
             dist.all_gather_into_tensor(gathered, key.contiguous(), group=self.token_group)
             self.comm_counter.record("all_gather_scores", key.numel() * key.element_size() * (group_size - 1))
-            full = gathered.index_select(0, self._true_order(full_len, key.device))  # [S, B, E] in token order
+            full = gathered.index_select(0, true_order)  # [S, B, E] in true token order
         capacity = expert_capacity(full_len, self.topk, E, cf)
         keep_full = _keep_top(full, capacity, dim=0)  # [S, B, E]
         routed = full > _UNROUTED
         counts = torch.stack([routed.sum(dim=(0, 1)), (routed & keep_full).sum(dim=(0, 1))])  # [2, E]
-        return keep_full.index_select(0, mine).reshape(-1, E), counts
+        if group_size > 1:
+            keep_full = keep_full.index_select(0, mine)  # this rank's rows
+        return keep_full.reshape(-1, E), counts
 
     def _positions(self, full_len: int, tp_rank: int, cp_rank: int, device) -> torch.Tensor:
         return local_token_positions(full_len, tp_rank, self.seq_tp_size, cp_rank, self.cp_size, device)
 
-    def _true_order(self, full_len: int, device) -> torch.Tensor:
-        """[S] index into the member-major gathered rows that puts them in true token order; rebuilt
-        only when the sequence length changes (the layout never changes under a layer)."""
+    def _token_order(self, full_len: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """([S] index that puts the member-major gathered rows in true token order, [S_local] true
+        positions of this rank's rows); rebuilt only when the sequence length changes (the layout
+        never changes under a layer)."""
         key = (full_len, device)
         if self._order_cache is None or self._order_cache[0] != key:  # keep one: lengths rarely change
             held = torch.cat([self._positions(full_len, tp_rank, cp_rank, device)
                               for tp_rank, cp_rank in self._coords(device)])  # [S]: position of gathered row i
-            self._order_cache = (key, torch.empty_like(held).scatter_(0, held, torch.arange(full_len, device=device)))
+            true_order = torch.empty_like(held).scatter_(0, held, torch.arange(full_len, device=device))
+            mine = self._positions(full_len, self.seq_tp_rank, self.cp_rank, device)
+            self._order_cache = (key, (true_order, mine))
         return self._order_cache[1]
 
     def _coords(self, device) -> list[tuple[int, int]]:
