@@ -39,9 +39,9 @@ from megatron_fold.layout import FoldedLayout, LayoutError  # noqa: E402
 # The MoE modules import torch and megatron-core (seconds); `megatron-fold explain/plan` need neither,
 # so they load on first use.
 _LAZY = {
-    "FoldMoELayer": "megatron_fold.moe_layer",
-    "FoldRouter": "megatron_fold.router",
-    "FlexFoldDispatcher": "megatron_fold.dispatcher",
+    "FoldMoELayer": "megatron_fold.moe.layer",
+    "FoldRouter": "megatron_fold.moe.router",
+    "FlexFoldDispatcher": "megatron_fold.moe.dispatcher",
 }
 
 

@@ -15,9 +15,9 @@ import functools
 from megatron.core.models.backends import BackendSpecProvider, LocalSpecProvider
 from megatron.core.models.gpt import gpt_layer_specs, moe_module_specs
 
-from megatron_fold.capacity import DropScope
-from megatron_fold.moe_layer import FoldMoELayer
-from megatron_fold.router import FoldRouter
+from megatron_fold.moe.capacity import DropScope
+from megatron_fold.moe.layer import FoldMoELayer
+from megatron_fold.moe.router import FoldRouter
 
 __all__ = [
     "get_fold_moe_module_spec",

@@ -18,11 +18,9 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
 import warnings
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 warnings.filterwarnings("ignore")
 
 import torch  # noqa: E402
@@ -31,9 +29,9 @@ from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec  # noq
 
 from megatron_fold import FoldedLayout, cpu, parallel_state  # noqa: E402
 from megatron_fold.specs import get_fold_moe_module_spec  # noqa: E402
-from megatron_fold.token_order import shard_sequence  # noqa: E402
-from tests import moe_reference as ref  # noqa: E402  (full weights, sharded loading)
-from tests.multirank import run_on_ranks  # noqa: E402  (fork-based gloo ranks)
+from megatron_fold.moe.token_order import shard_sequence  # noqa: E402
+from megatron_fold.testing import moe_reference as ref  # noqa: E402  (full weights, sharded loading)
+from megatron_fold.testing.multirank import run_on_ranks  # noqa: E402  (fork-based gloo ranks)
 
 MODELS = {
     "mixtral-like (8e top-2)": dict(num_moe_experts=8, moe_router_topk=2),

@@ -9,8 +9,8 @@ from megatron.core.transformer.moe.experts import SequentialMLP
 from megatron.core.transformer.moe.moe_layer import MoELayer
 
 from megatron_fold import specs
-from megatron_fold.moe_layer import FoldMoELayer
-from megatron_fold.router import FoldRouter
+from megatron_fold.moe.layer import FoldMoELayer
+from megatron_fold.moe.router import FoldRouter
 
 
 def _mlp_builder(layer_spec):

@@ -6,8 +6,8 @@ import torch
 import torch.distributed as dist
 
 from megatron_fold import FoldedLayout, parallel_state
-from megatron_fold.comm import CommCounter, _pack, _unpack, all_gather_v, all_to_all_v, reduce_scatter_v
-from tests.multirank import run_on_ranks
+from megatron_fold.moe.comm import CommCounter, _pack, _unpack, all_gather_v, all_to_all_v, reduce_scatter_v
+from megatron_fold.testing.multirank import run_on_ranks
 
 W = 8
 

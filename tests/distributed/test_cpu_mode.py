@@ -22,9 +22,9 @@ import torch
 import torch.distributed as dist
 
 from megatron_fold import FoldedLayout, cpu, parallel_state
-from megatron_fold.token_order import shard_sequence
-from tests import moe_reference as ref
-from tests.multirank import run_on_ranks
+from megatron_fold.moe.token_order import shard_sequence
+from megatron_fold.testing import moe_reference as ref
+from megatron_fold.testing.multirank import run_on_ranks
 
 S, B, H = 8, 2, 16
 TOL = dict(rtol=1e-5, atol=1e-5)

@@ -18,10 +18,10 @@ import torch
 import torch.distributed as dist
 
 from megatron_fold import FoldedLayout, parallel_state
-from megatron_fold.capacity import expert_capacity, padded_tokens_per_expert
-from megatron_fold.dispatcher import FlexFoldDispatcher
-from tests import moe_reference as ref
-from tests.multirank import run_on_ranks
+from megatron_fold.moe.capacity import expert_capacity, padded_tokens_per_expert
+from megatron_fold.moe.dispatcher import FlexFoldDispatcher
+from megatron_fold.testing import moe_reference as ref
+from megatron_fold.testing.multirank import run_on_ranks
 
 W, H, S, B = 8, 8, 4, 2
 LAYOUTS = {

@@ -9,7 +9,7 @@ import pytest
 import torch.distributed as dist
 
 from megatron_fold import FoldedLayout, parallel_state
-from tests.multirank import MultiRankFailure, run_on_ranks
+from megatron_fold.testing.multirank import MultiRankFailure, run_on_ranks
 
 
 def _build_gpt(layout, pgs):

@@ -5,7 +5,7 @@ gets its own micro-batch, sharded over CP and TP the way Megatron shards it. Che
 output rows and input gradients of its shard equal the single-rank run of its micro-batch. Checked per
 parameter: after reducing each gradient over the group Megatron reduces it over (EDP for experts,
 TP x DP x CP for sequence-parallel replicated parameters: router weight, shared-expert gate; DP x CP
-otherwise; tests/moe_reference.reduce_grads_like_megatron) and reassembling the shards, it equals the
+otherwise; megatron_fold.testing.moe_reference.reduce_grads_like_megatron) and reassembling the shards, it equals the
 sum of the single-rank gradients over the micro-batches of that PP stage. Each rank also builds every
 config twice: outputs and all gradients must be bitwise equal (determinism).
 """
@@ -18,9 +18,9 @@ import torch
 
 from megatron_fold import FoldedLayout, parallel_state
 from megatron_fold.specs import get_fold_moe_module_spec
-from megatron_fold.token_order import shard_sequence
-from tests import moe_reference as ref
-from tests.multirank import run_on_ranks
+from megatron_fold.moe.token_order import shard_sequence
+from megatron_fold.testing import moe_reference as ref
+from megatron_fold.testing.multirank import run_on_ranks
 
 SEQ, BATCH, HIDDEN = 16, 2, 16
 

@@ -5,7 +5,7 @@ import torch.distributed as dist
 
 from megatron_fold import FoldedLayout, parallel_state
 from megatron_fold.layout import GROUP_NAMES
-from tests.multirank import MultiRankFailure, run_on_ranks
+from megatron_fold.testing.multirank import MultiRankFailure, run_on_ranks
 
 # (world, kwargs): the paper's 5-D fold plus folds that exercise each way the grids can differ.
 LAYOUTS = [

@@ -18,10 +18,10 @@ from megatron.core.transformer.moe.moe_logging import destroy_moe_metrics_tracke
 from megatron.core.transformer.moe.moe_utils import get_updated_expert_bias
 
 from megatron_fold import FoldedLayout, parallel_state
-from megatron_fold.router import FoldRouter, NonFiniteRouterScores
-from megatron_fold.token_order import shard_sequence
-from tests import moe_reference as ref
-from tests.multirank import run_on_ranks
+from megatron_fold.moe.router import FoldRouter, NonFiniteRouterScores
+from megatron_fold.moe.token_order import shard_sequence
+from megatron_fold.testing import moe_reference as ref
+from megatron_fold.testing.multirank import run_on_ranks
 
 S, B, H = 16, 2, 16
 MAX_DP = 4

@@ -13,8 +13,8 @@ from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
 
 from megatron_fold import FoldedLayout, parallel_state
 from megatron_fold.specs import get_fold_moe_module_spec
-from tests import moe_reference as ref
-from tests.multirank import run_on_ranks
+from megatron_fold.testing import moe_reference as ref
+from megatron_fold.testing.multirank import run_on_ranks
 
 SEQ, BATCH, HIDDEN = 8, 2, 16
 

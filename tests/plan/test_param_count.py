@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from megatron_fold import FoldedLayout, parallel_state
 from megatron_fold.plan.cost import stage_params
 from megatron_fold.plan.models import ModelSpec
-from tests.multirank import run_on_ranks
+from megatron_fold.testing.multirank import run_on_ranks
 
 SMALL = [
     ModelSpec("mixtral-like", num_layers=2, hidden=32, num_heads=4, num_query_groups=2, head_dim=8, moe_ffn=24,

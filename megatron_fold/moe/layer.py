@@ -18,9 +18,9 @@ import torch.distributed as dist
 from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_fold.capacity import DropScope
-from megatron_fold.dispatcher import FlexFoldDispatcher
-from megatron_fold.router import FoldRouter
+from megatron_fold.moe.capacity import DropScope
+from megatron_fold.moe.dispatcher import FlexFoldDispatcher
+from megatron_fold.moe.router import FoldRouter
 
 __all__ = ["FoldMoELayer", "MoELayerMetrics"]
 

@@ -20,9 +20,9 @@ from megatron.core.transformer.moe.moe_logging import destroy_moe_metrics_tracke
 from megatron.core.transformer.moe.router import TopKRouter
 
 from megatron_fold import FoldedLayout, parallel_state
-from megatron_fold.router import FoldRouter, NonFiniteRouterScores
-from tests import moe_reference as ref
-from tests.multirank import run_on_ranks
+from megatron_fold.moe.router import FoldRouter, NonFiniteRouterScores
+from megatron_fold.testing import moe_reference as ref
+from megatron_fold.testing.multirank import run_on_ranks
 
 S, B, H = 12, 3, 16
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from tests.multirank import MultiRankFailure, run_on_ranks
+from megatron_fold.testing.multirank import MultiRankFailure, run_on_ranks
 
 
 def _sum_ranks(rank, world_size):
@@ -80,10 +80,10 @@ def test_ranks_die_with_a_killed_parent(tmp_path):
     pid_file = str(tmp_path / "pid")
     parent = subprocess.Popen(
         [sys.executable, "-c",
-         "import sys; from tests.multirank import run_on_ranks; "
-         "from tests.test_multirank_harness import _hang_on_rank_1; "
+         "import sys; from megatron_fold.testing.multirank import run_on_ranks; "
+         "from tests.testing.test_multirank import _hang_on_rank_1; "
          f"run_on_ranks(_hang_on_rank_1, 2, {pid_file!r}, timeout=600)"],
-        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     try:
         deadline = time.monotonic() + 120
         while not all(os.path.exists(f"{pid_file}.{r}") and open(f"{pid_file}.{r}").read() for r in range(2)):

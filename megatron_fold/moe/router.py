@@ -61,9 +61,9 @@ from megatron.core.transformer.moe.moe_utils import (
 )
 from megatron.core.transformer.moe.router import TopKRouter
 
-from megatron_fold.capacity import DropScope, expert_capacity
-from megatron_fold.comm import CommCounter
-from megatron_fold.token_order import local_token_positions
+from megatron_fold.moe.capacity import DropScope, expert_capacity
+from megatron_fold.moe.comm import CommCounter
+from megatron_fold.moe.token_order import local_token_positions
 
 __all__ = ["FoldRouter", "NonFiniteRouterScores"]
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from megatron_fold.token_order import local_token_positions, shard_sequence
+from megatron_fold.moe.token_order import local_token_positions, shard_sequence
 
 
 def test_hand_written_cp2_tp2():

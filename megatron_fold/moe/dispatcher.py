@@ -31,8 +31,8 @@ import torch
 import torch.distributed as dist
 from megatron.core.transformer.moe.token_dispatcher import MoETokenDispatcher
 
-from megatron_fold.capacity import DropScope, padded_tokens_per_expert
-from megatron_fold.comm import CommCounter, all_gather_v, all_to_all_v, exchange_rows, reduce_scatter_v
+from megatron_fold.moe.capacity import DropScope, padded_tokens_per_expert
+from megatron_fold.moe.comm import CommCounter, all_gather_v, all_to_all_v, exchange_rows, reduce_scatter_v
 
 __all__ = ["FlexFoldDispatcher"]
 

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from megatron_fold import FoldedLayout, parallel_state
-from tests import moe_reference as ref
-from tests.multirank import run_on_ranks
+from megatron_fold.testing import moe_reference as ref
+from megatron_fold.testing.multirank import run_on_ranks
 
 S, B, H = 6, 2, 16
 
