@@ -49,8 +49,14 @@ def explain_dict(layout: FoldedLayout, rank: int | None = None) -> dict:
         "intra_node": {name: layout.intra_node(name) for name in GROUP_NAMES},
         "groups": {name: layout.groups(name) for name in GROUP_NAMES},
         "megatron_args": layout.megatron_args() if layout.megatron_lm_order() else None,
-        "warnings": layout.warnings(),
+        "warnings": _explain_warnings(layout),
     }
+
+
+def _explain_warnings(layout: FoldedLayout) -> list[str]:
+    # The printed arguments set --sequence-parallel with TP > 1; without arguments (an order Megatron-LM
+    # cannot select) the advice covers both.
+    return layout.warnings(sequence_parallel=True if layout.megatron_lm_order() else None)
 
 
 def _compact_group(group: list[int]) -> str:
@@ -105,7 +111,7 @@ def explain_text(layout: FoldedLayout, rank: int | None) -> str:
             lines.append(f"  {name:<9} {_compact(layout.groups(name))}")
     lines += ["", "Megatron-LM arguments: " + (" ".join(layout.megatron_args()) if layout.megatron_lm_order()
                                                else "none select this order (see warnings)")]
-    warnings = layout.warnings()
+    warnings = _explain_warnings(layout)
     if warnings:
         lines += ["", "warnings:"] + [f"  - {w}" for w in warnings]
     return "\n".join(lines)

@@ -46,8 +46,11 @@ GROUP_NAMES: tuple[str, ...] = tuple(_GROUP_TOKENS)
 class LayoutError(ValueError):
     """An impossible parallel layout. `violations` lists every violated constraint, one per line."""
 
-    def __init__(self, violations: list[str]):
+    def __init__(self, violations: list[str], rules: list[str] | None = None):
         self.violations = list(violations)
+        # The same constraints without their "values that fit" hints: a caller with more rules (the
+        # planner's model checks) states these and suggests only values that pass all of its rules.
+        self.rules = list(rules) if rules is not None else list(violations)
         super().__init__(
             "invalid folded layout:\n" + "\n".join(f"  - {v}" for v in self.violations)
         )
@@ -151,12 +154,14 @@ class FoldedLayout:
     _groups_cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self):
-        if self.etp is None:
+        etp_set = self.etp is not None
+        if not etp_set:
             object.__setattr__(self, "etp", self.tp)
         object.__setattr__(self, "order", self.order.lower())
-        violations = self._violations()
+        violations = self._violations(etp_set)
         if violations:
-            raise LayoutError(violations)
+            raise LayoutError([rule + (f"; {hint}" if hint else "") for rule, hint in violations],
+                              [rule for rule, _ in violations])
 
     # ---- derived sizes -------------------------------------------------------------------------
     @property
@@ -208,7 +213,8 @@ class FoldedLayout:
         return self._groups_cache[key]
 
     def megatron_args(self) -> list[str]:
-        """Megatron-LM arguments that build this layout; ValueError when its order is not one
+        """Megatron-LM arguments that build this layout (with `--sequence-parallel` when TP > 1, which
+        megatron-core 0.19's MoE layer requires); ValueError when its order is not one
         Megatron-LM can select (see megatron_lm_order)."""
         order = self.megatron_lm_order()
         if order is None:
@@ -224,6 +230,9 @@ class FoldedLayout:
             f"--expert-model-parallel-size={self.ep}",
             f"--expert-tensor-parallel-size={self.etp}",
         ]
+        if self.tp > 1:
+            # megatron-core 0.19's MoELayer refuses TP > 1 without it (see warnings()).
+            args.append("--sequence-parallel")
         if order == TP_PP_DP_ORDER:
             args.append("--use-tp-pp-dp-mapping")
         return args
@@ -267,41 +276,45 @@ class FoldedLayout:
         return out
 
     # ---- validation ----------------------------------------------------------------------------
-    def _violations(self) -> list[str]:
-        out: list[str] = []
+    def _violations(self, etp_set: bool = True) -> list[tuple[str, str]]:
+        """(rule, hint) per violated constraint. Values are named as the user gave them: an ETP that
+        defaults to TP is not reported as a bad ETP of its own (`explain --tp 0` is about tp=0)."""
+        out: list[tuple[str, str]] = []
         sizes = {"world_size": self.world_size, "tp": self.tp, "cp": self.cp, "pp": self.pp,
-                 "ep": self.ep, "etp": self.etp, "gpus_per_node": self.gpus_per_node}
+                 "ep": self.ep, "gpus_per_node": self.gpus_per_node}
+        if etp_set:
+            sizes["etp"] = self.etp
         if self.num_experts is not None:
             sizes["num_experts"] = self.num_experts
         bad = [f"{k}={v!r}" for k, v in sizes.items() if not isinstance(v, int) or isinstance(v, bool) or v < 1]
         if bad:
-            return [f"sizes must be positive integers, got {', '.join(bad)}"]
+            return [(f"sizes must be positive integers, got {', '.join(bad)}", "")]
 
         tokens = self.order.split("-")
         if any(t not in _DIMS for t in tokens) or len(set(tokens)) != len(tokens):
-            out.append(
+            out.append((
                 f"order {self.order!r} must name each of tp, cp, ep, dp, pp at most once "
-                f"(e.g. {DEFAULT_ORDER!r}, or {TP_PP_DP_ORDER!r} for --use-tp-pp-dp-mapping)"
-            )
+                f"(e.g. {DEFAULT_ORDER!r}, or {TP_PP_DP_ORDER!r} for --use-tp-pp-dp-mapping)", ""
+            ))
         W = self.world_size
         attn = self.tp * self.cp * self.pp
         if W % attn:
-            out.append(
-                f"world_size {W} is not divisible by TP*CP*PP = {self.tp}*{self.cp}*{self.pp} = {attn}; "
-                + _alternatives(W, {"TP": self.tp, "CP": self.cp, "PP": self.pp})
-            )
+            out.append((
+                f"world_size {W} is not divisible by TP*CP*PP = {self.tp}*{self.cp}*{self.pp} = {attn}",
+                _alternatives(W, {"TP": self.tp, "CP": self.cp, "PP": self.pp}),
+            ))
         expert = self.etp * self.ep * self.pp
         if W % expert:
             ep_ok = (lambda e: self.num_experts % e == 0) if self.num_experts is not None else None
-            out.append(
-                f"world_size {W} is not divisible by ETP*EP*PP = {self.etp}*{self.ep}*{self.pp} = {expert}; "
-                + _alternatives(W, {"ETP": self.etp, "EP": self.ep, "PP": self.pp}, {"EP": ep_ok})
-            )
+            out.append((
+                f"world_size {W} is not divisible by ETP*EP*PP = {self.etp}*{self.ep}*{self.pp} = {expert}"
+                + ("" if etp_set or self.tp == 1 else f" (ETP not set: it follows TP {self.tp})"),
+                _alternatives(W, {"ETP": self.etp, "EP": self.ep, "PP": self.pp}, {"EP": ep_ok}),
+            ))
         if self.num_experts is not None and self.num_experts % self.ep:
             fit = [e for e in _divisors(self.num_experts) if W % (self.etp * e * self.pp) == 0]
-            out.append(
-                f"num_experts {self.num_experts} is not divisible by EP {self.ep}; EP values that fit: {_fmt(fit)}"
-            )
+            out.append((f"num_experts {self.num_experts} is not divisible by EP {self.ep}",
+                        f"EP values that fit: {_fmt(fit)}"))
         if out:
             return out
         # Like Megatron's RankGenerator, an order may leave out dimensions of size 1 (in both grids).
@@ -310,29 +323,28 @@ class FoldedLayout:
         left_out = [" / ".join(f"{n} = {v}" for n, v in sized[d]) for d in _DIMS
                     if d not in tokens and any(v > 1 for _, v in sized[d])]
         if left_out:
-            return [f"order {self.order!r} leaves out {', '.join(left_out)}: an order may omit only dimensions "
-                    f"of size 1; name them, e.g. {DEFAULT_ORDER!r}"]
+            return [(f"order {self.order!r} leaves out {', '.join(left_out)}: an order may omit only dimensions "
+                     f"of size 1", f"name them, e.g. {DEFAULT_ORDER!r}")]
         if "tp" not in tokens:
             # Megatron-Core 0.19 injects a 'gtp_remat' axis and then tests `"tp" in order` as a
             # substring, so a left-out tp is never appended and its generator fails on every group.
-            return [f"order {self.order!r} leaves out tp, which megatron-core 0.19 cannot build (its rank "
-                    "generator mistakes the 'gtp_remat' axis it injects for tp); name tp, e.g. "
-                    f"{'tp-' + self.order!r}"]
+            return [(f"order {self.order!r} leaves out tp, which megatron-core 0.19 cannot build (its rank "
+                     "generator mistakes the 'gtp_remat' axis it injects for tp)", f"name tp, e.g. {'tp-' + self.order!r}")]
         # Megatron asserts this in initialize_model_parallel: with PP not outermost the two grids only
         # share PP groups when both have the same DP size.
         if not self.order.endswith("pp") and self.pp > 1 and self.edp != self.dp:
-            out.append(
+            out.append((
                 f"order {self.order!r} does not end with pp, so with PP {self.pp} > 1 Megatron requires "
-                f"EDP == DP, got EDP {self.edp} != DP {self.dp} (need ETP*EP == TP*CP = {self.tp * self.cp}); "
-                f"use order {DEFAULT_ORDER!r} to fold freely"
-            )
+                f"EDP == DP, got EDP {self.edp} != DP {self.dp} (need ETP*EP == TP*CP = {self.tp * self.cp})",
+                f"use order {DEFAULT_ORDER!r} to fold freely",
+            ))
         elif (_canonical_groups(*self._canonical("attention", "pp"))
               != _canonical_groups(*self._canonical("expert", "pp"))):
-            out.append(
+            out.append((
                 "pipeline groups of the attention grid and the expert grid differ "
-                f"(attention {self.groups('pp')[:2]}..., expert {self._expert_pp_groups()[:2]}...); "
-                f"put pp last in the order, e.g. {DEFAULT_ORDER!r}"
-            )
+                f"(attention {self.groups('pp')[:2]}..., expert {self._expert_pp_groups()[:2]}...)",
+                f"put pp last in the order, e.g. {DEFAULT_ORDER!r}",
+            ))
         return out
 
     # ---- groups --------------------------------------------------------------------------------

@@ -97,3 +97,24 @@ def test_order_warnings_follow_the_groups(capsys):
     assert "Megatron-LM arguments: none select this order" in out
     assert "builds groups neither Megatron-LM order builds" in out
     assert "(folded)" in out  # ETP groups [0, 1] are not the TP groups [0, 2]
+
+
+def test_error_names_what_the_user_set(capsys):
+    """--tp 0 without --etp: ETP follows TP, so the error speaks of tp=0 only, not of an etp=0 never set."""
+    rc, _, err = run(capsys, "--world", "8", "--tp", "0")
+    assert rc == 2 and "got tp=0" in err and "etp" not in err
+    rc, _, err = run(capsys, "--world", "8", "--tp", "0", "--etp", "0")
+    assert rc == 2 and "got tp=0, etp=0" in err
+    rc, _, err = run(capsys, "--world", "128", "--tp", "3", "--pp", "8", "--ep", "8")
+    assert rc == 2 and "ETP*EP*PP = 3*8*8 = 192 (ETP not set: it follows TP 3)" in err
+
+
+def test_sequence_parallel_is_in_the_printed_arguments(capsys):
+    """The TP > 1 advice about --sequence-parallel is followed by the arguments explain prints."""
+    rc, out, _ = run(capsys, "--world", "16", "--tp", "2", "--ep", "4", "--etp", "1", "--json")
+    data = json.loads(out)
+    assert rc == 0 and "--sequence-parallel" in data["megatron_args"]
+    assert not any("unless --sequence-parallel is set" in w for w in data["warnings"])
+    assert any("TP 2 > 1 with sequence parallelism" in w for w in data["warnings"])
+    rc, out, _ = run(capsys, "--world", "16", "--ep", "4", "--json")
+    assert rc == 0 and "--sequence-parallel" not in json.loads(out)["megatron_args"]

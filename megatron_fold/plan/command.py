@@ -10,7 +10,7 @@ from megatron_fold.layout import FoldedLayout
 from megatron_fold.plan.cost import Choice, estimate
 from megatron_fold.plan.hardware import GPUS, get_gpu
 from megatron_fold.plan.models import PRESETS, from_hf_config, get_model
-from megatron_fold.plan.search import batch_violations, is_coupled, model_violations, plan
+from megatron_fold.plan.search import is_coupled, layout_violations, plan
 
 _LAYOUT_KEYS = {"tp", "cp", "pp", "vpp", "ep", "etp", "mbs"}
 # Groups whose placement the cost model reads, as `--layout` reports them.
@@ -47,15 +47,19 @@ def _model(args):
 
 
 def parse_layout(text: str) -> dict:
-    out = {"recompute": False}
+    out, given = {"recompute": False}, {}
     for part in filter(None, (x.strip() for x in text.lower().split(","))):
         if part == "recompute":
-            out["recompute"] = True
-            continue
-        match = re.fullmatch(r"([a-z]+)(\d+)", part)
-        if not match or match.group(1) not in _LAYOUT_KEYS:
-            raise ValueError(f"--layout: cannot read {part!r}; use e.g. tp2,pp8,ep8,etp1,cp1,vpp1,mbs1[,recompute]")
-        out[match.group(1)] = int(match.group(2))
+            key, value = "recompute", True
+        else:
+            match = re.fullmatch(r"([a-z]+)(\d+)", part)
+            if not match or match.group(1) not in _LAYOUT_KEYS:
+                raise ValueError(f"--layout: cannot read {part!r}; use e.g. tp2,pp8,ep8,etp1,cp1,vpp1,mbs1[,recompute]")
+            key, value = match.group(1), int(match.group(2))
+        if key in given:  # the last one would silently win
+            raise ValueError(f"--layout {text}: {key} is given twice ({given[key]} and {part}); give each key once")
+        given[key] = part
+        out[key] = value
     return out
 
 
@@ -87,6 +91,15 @@ def _as_dict(est) -> dict:
     return est.to_dict() | {"coupled": is_coupled(est.choice.layout), "warnings": _warnings(est.choice.layout)}
 
 
+def _padding_note(capacity_factor: float | None) -> list[str]:
+    """The one argument the planner adds beyond what the user asked for, said in words."""
+    if capacity_factor is None:
+        return []
+    return [f"--capacity-factor {capacity_factor:g}: the arguments also set --moe-pad-expert-input-to-capacity "
+            "(every expert processes exactly its capacity, padded, as the model times it); drop that flag "
+            "for unpadded token dropping"]
+
+
 def _warnings(layout: FoldedLayout) -> list[str]:
     # The planner's arguments set --sequence-parallel with TP > 1 and --disable-bias-linear.
     return layout.warnings(sequence_parallel=True, add_bias_linear=False)
@@ -94,22 +107,20 @@ def _warnings(layout: FoldedLayout) -> list[str]:
 
 def _one_layout(args, model, gpu, cf) -> int:
     spec = parse_layout(args.layout)
-    layout = FoldedLayout(args.gpus, tp=spec.get("tp", 1), cp=spec.get("cp", 1), pp=spec.get("pp", 1),
-                          ep=spec.get("ep", 1), etp=spec.get("etp"), gpus_per_node=args.gpus_per_node,
-                          num_experts=model.num_experts)
-    mbs, vpp = spec.get("mbs", 1), spec.get("vpp", 1)
-    problems = model_violations(model, args.seq_len, layout.tp, layout.cp, layout.pp, layout.ep, layout.etp)
-    problems += batch_violations(model, layout, args.global_batch, vpp, mbs)
+    sizes = {k: spec.get(k, None if k == "etp" else 1) for k in ("tp", "cp", "pp", "ep", "etp", "vpp", "mbs")}
+    layout, problems = layout_violations(model, args.gpus, args.gpus_per_node, args.seq_len, args.global_batch,
+                                         sizes)
     if problems:
-        raise ValueError(f"{model.name} cannot train with --layout {args.layout}:\n"
+        raise ValueError(f"{model.name} cannot train with --layout {args.layout} on {args.gpus} GPUs:\n"
                          + "\n".join(f"  - {p}" for p in problems))
+    mbs, vpp = sizes["mbs"], sizes["vpp"]
     est = estimate(model, gpu, Choice(layout, vpp, mbs, spec["recompute"]), args.seq_len, args.global_batch, cf)
     if args.json:
         print(json.dumps(_as_dict(est), indent=1))
         return 0
     fits = "fits" if est.fits else f"DOES NOT FIT in {gpu.memory_gb:g} GB"
     lines = [_header(), _row(1, est), "", _placement(layout) + f"; memory: {fits}", ""] + _breakdown(est)
-    lines += ["", "Megatron-LM arguments: " + " ".join(est.megatron_args)]
+    lines += ["", *_padding_note(cf), "Megatron-LM arguments: " + " ".join(est.megatron_args)]
     warnings = _warnings(layout)
     if warnings:
         lines += ["", "warnings:"] + [f"  - {w}" for w in warnings]
@@ -170,5 +181,6 @@ def run(args) -> int:
         else:
             print(f"\nbest coupled layout (no folding): {coupled.choice.label()}, {100 * coupled.mfu:.1f}% MFU; "
                   f"the folded best is {100 * (coupled.step_time_s / best.step_time_s - 1):.1f}% faster")
-    print("\nMegatron-LM arguments: " + " ".join(best.megatron_args))
+    print("\n" + "".join(line + "\n" for line in _padding_note(cf)) + "Megatron-LM arguments: "
+          + " ".join(best.megatron_args))
     return 0

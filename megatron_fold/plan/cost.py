@@ -103,7 +103,8 @@ class Choice:
                 f"mbs{self.micro_batch}{' recompute' if self.recompute else ''}")
 
     def megatron_args(self, m: ModelSpec, seq: int, global_batch: int, capacity_factor: float | None) -> list[str]:
-        """Megatron-LM arguments that reproduce this choice, the model and the cost model's assumptions."""
+        """Megatron-LM arguments that reproduce this choice, the model and the cost model's assumptions
+        (the layout's own include `--sequence-parallel` when TP > 1: the model times sequence parallelism)."""
         args = self.layout.megatron_args() + [
             f"--micro-batch-size={self.micro_batch}", f"--global-batch-size={global_batch}",
         ] + m.megatron_args(seq) + [
@@ -116,8 +117,6 @@ class Choice:
         ]
         if self.vpp > 1:
             args.append(f"--num-layers-per-virtual-pipeline-stage={m.num_layers // (self.layout.pp * self.vpp)}")
-        if self.layout.tp > 1:
-            args.append("--sequence-parallel")
         if self.recompute:
             args += ["--recompute-granularity=full", "--recompute-method=uniform", "--recompute-num-layers=1"]
         if capacity_factor is not None:

@@ -12,6 +12,7 @@ from megatron_fold.plan.cost import Choice, estimate
 from megatron_fold.plan.hardware import get_gpu
 from megatron_fold.plan.models import get_model
 from megatron_fold.plan.search import plan
+from megatron_fold.plan.command import parse_layout
 
 
 def run(capsys, *argv):
@@ -83,10 +84,11 @@ def test_hf_config(tmp_path, capsys):
     (["--model", "mixtral-8x7b", "--gpus", "8", "--gpu", "tpu"], "unknown GPU 'tpu'"),
     (["--model", "mixtral-8x22b", "--gpus", "8"], "none of the 5386 choices (146 layouts x VPP x micro-batch x recompute) of mixtral-8x22b on 8 h100 GPUs fits"),
     (["--model", "mixtral-8x7b", "--gpus", "7", "--gpus-per-node", "7"],
-     "global batch 256 is not divisible by the data-parallel size of any of the 2 layouts"),
-    (["--model", "mixtral-8x7b", "--gpus", "64", "--layout", "tp3,ep8"], "TP values that fit"),
+     "global batch 256 is not divisible by the data-parallel size DP = GPUs / (TP*CP*PP) of any layout "
+     "mixtral-8x7b admits on 7 GPUs (DP sizes: 7)"),
+    (["--model", "mixtral-8x7b", "--gpus", "64", "--layout", "tp3,ep8"], "changing one size at a time: TP 1, 2, 4, 8"),
     (["--model", "mixtral-8x7b", "--gpus", "64", "--layout", "tp16,ep4"],
-     "TP 16 must divide the 32 attention heads and 8 query groups; TP values that fit: [1, 2, 4, 8]"),
+     "TP 16 must divide the 32 attention heads and 8 query groups"),
     (["--model", "mixtral-8x7b", "--gpus", "64", "--global-batch", "24", "--layout", "tp2,pp4,vpp2,ep8"],
      "micro-batches per step (3) to be a multiple of PP 4"),
     (["--model", "mixtral-8x7b", "--gpus", "64", "--layout", "tp2,pq8"], "cannot read 'pq8'"),
@@ -174,3 +176,63 @@ def test_one_layout_warns_only_what_its_arguments_leave_open(capsys):
     rc, out, _ = run(capsys, *argv, "--json")
     assert rc == 0 and json.loads(out)["warnings"] == FoldedLayout(64, tp=2, pp=2, ep=16, etp=2, num_experts=64).warnings(
         sequence_parallel=True, add_bias_linear=False)
+
+
+def test_repeated_layout_key_is_refused(capsys):
+    rc, _, err = run(capsys, "--model", "mixtral-8x22b", "--gpus", "128", "--layout", "tp2,pp8,ep8,etp1,pp4")
+    assert rc == 2 and "pp is given twice (pp8 and pp4)" in err
+    rc, _, err = run(capsys, "--model", "mixtral-8x22b", "--gpus", "128", "--layout", "tp2,recompute,pp8,recompute")
+    assert rc == 2 and "recompute is given twice" in err
+
+
+@pytest.mark.parametrize("layout_arg", ["tp3,pp8,ep8", "tp16,pp8,ep8", "tp2,pp8,ep8,etp3", "tp2,pp5,ep8,vpp7",
+                                        "tp2,pp8,ep8,vpp3", "tp8,cp4,pp8,ep8,etp1"])
+def test_layout_suggestions_all_pass_every_check(capsys, layout_arg):
+    """Every value the error suggests, put into the layout, is accepted by `plan --layout` itself (the
+    suggestion used to take only the grid's divisibility into account: TP 16 for 48 heads)."""
+    base = ["--model", "mixtral-8x22b", "--gpus", "128"]
+    rc, _, err = run(capsys, *base, "--layout", layout_arg)
+    assert rc == 2
+    line = next(l for l in err.splitlines() if "changing one size at a time" in l)
+    given = parse_layout(layout_arg)
+    suggested = [(part.split()[0].lower(), int(v)) for part in line.split(": ", 1)[1].split("; ")
+                 for v in part.split(" ", 1)[1].split(", ")]
+    assert suggested
+    for key, value in suggested:
+        spec = {k: v for k, v in given.items() if k != "recompute"} | {key: value}
+        rc, _, err = run(capsys, *base, "--layout", ",".join(f"{k}{v}" for k, v in spec.items()))
+        assert rc == 0, (key, value, err)
+    assert ("tp", 16) not in suggested and ("tp", 3) not in suggested
+
+
+def test_huge_world_fails_on_the_batch_before_searching(capsys):
+    """A million GPUs: no DP the model admits divides the global batch. Refused by integer arithmetic,
+    before any layout of a million ranks is built (which took a minute)."""
+    import megatron_fold.plan.search as search
+
+    built = []
+    original = search.FoldedLayout
+    search.FoldedLayout = lambda *a, **k: built.append(a) or original(*a, **k)
+    try:
+        rc, _, err = run(capsys, "--model", "mixtral-8x7b", "--gpus", "1000000")
+    finally:
+        search.FoldedLayout = original
+    assert rc == 2 and "global batch 256 is not divisible by the data-parallel size" in err
+    assert "DP sizes: 15625, 31250" in err and built == []
+
+
+def test_capacity_factor_padding_is_said_in_text(capsys):
+    for extra in ([], ["--layout", "tp2,pp8,ep8,etp1,vpp7"]):
+        rc, out, _ = run(capsys, "--model", "mixtral-8x22b", "--gpus", "128", "--top", "1", "--capacity-factor", "1",
+                         *extra)
+        args_line = next(l for l in out.splitlines() if l.startswith("Megatron-LM arguments:"))
+        assert rc == 0 and "--moe-pad-expert-input-to-capacity" in args_line
+        assert "the arguments also set --moe-pad-expert-input-to-capacity" in out.split("Megatron-LM arguments:")[0]
+    rc, out, _ = run(capsys, "--model", "mixtral-8x22b", "--gpus", "128", "--top", "1")
+    assert rc == 0 and "moe-pad-expert-input-to-capacity" not in out
+
+
+def test_sequence_parallel_printed_once_with_tp(capsys):
+    rc, out, _ = run(capsys, "--model", "mixtral-8x22b", "--gpus", "128", "--layout", "tp2,pp8,ep8,etp1,vpp7", "--json")
+    args = json.loads(out)["megatron_args"]
+    assert rc == 0 and args.count("--sequence-parallel") == 1
