@@ -29,7 +29,6 @@ from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec  # noq
 
 from megatron_fold import FoldedLayout, cpu, parallel_state  # noqa: E402
 from megatron_fold.specs import get_fold_moe_module_spec  # noqa: E402
-from megatron_fold.moe.token_order import shard_sequence  # noqa: E402
 from megatron_fold.testing import moe_reference as ref  # noqa: E402  (full weights, sharded loading)
 from megatron_fold.testing.multirank import run_on_ranks  # noqa: E402  (fork-based gloo ranks)
 
@@ -164,7 +163,7 @@ def _rank(rank, world_size, layout_kwargs, args):
         c = layout.rank_coords(rank)
         g = torch.Generator().manual_seed(c["dp"])
         x_full = torch.randn(args.seq, 2, args.hidden, generator=g)
-        x = shard_sequence(x_full, c["tp"], layout.tp, c["cp"], layout.cp)
+        x = ref.shard_like_megatron(x_full, pgs.tp.rank(), pgs.tp.size(), pgs.cp)  # Megatron's CP + SP split
         rows = {}
         for model in MODELS:
             res, layers = {}, {}

@@ -32,6 +32,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core import parallel_state as mpu
 from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.utils import get_batch_on_this_cp_rank
 
 from megatron_fold.layout import FoldedLayout
 
@@ -43,6 +44,7 @@ __all__ = [
     "gather_full_grads",
     "reduce_grads_like_megatron",
     "build_upstream_moe_layer",
+    "shard_like_megatron",
 ]
 
 FFN = 16  # expert (and default shared-expert) FFN size: divisible by every TP / ETP size up to 16
@@ -279,3 +281,26 @@ def build_upstream_moe_layer(config: TransformerConfig, pg_collection, dispatche
         config=config, pg_collection=pg_collection)
     layer.set_layer_number(layer_number)  # the router's aux-loss tracker indexes losses by layer
     return layer
+
+
+def shard_like_megatron(x_sbh: torch.Tensor, tp_rank: int, tp: int, cp_group=None) -> torch.Tensor:
+    """This rank's rows of a full [seq, batch, ...] tensor, cut the way Megatron cuts a batch: context
+    parallelism by Megatron's own `get_batch_on_this_cp_rank` (which asks torch.distributed for the CP
+    group's size and this rank's place in it), then sequence parallelism as a plain `torch.chunk` of
+    the CP-local sequence over TP (what scatter_to_sequence_parallel_region does).
+
+    The reference side of every layout test: it shares no code with megatron_fold.moe.token_order,
+    which the router uses for the same positions. `cp_group` None means no context parallelism;
+    `tp` 1 means no sequence parallelism. For positions rather than rows, pass an arange.
+    """
+    if x_sbh.dim() < 2:
+        raise ValueError(f"expected a [seq, batch, ...] tensor, got shape {tuple(x_sbh.shape)} "
+                         "(for positions, pass torch.arange(seq)[:, None])")
+    if cp_group is not None and dist.get_world_size(cp_group) > 1:
+        # Megatron batches are [batch, seq, ...]; 'cu_seqlens': None selects its per-sequence zigzag.
+        batch = {"x": x_sbh.transpose(0, 1).contiguous(), "cu_seqlens": None}
+        x_sbh = get_batch_on_this_cp_rank(batch, is_hybrid_cp=False, cp_group=cp_group)["x"].transpose(0, 1)
+    if x_sbh.shape[0] % tp:
+        raise ValueError(f"the CP-local sequence of {x_sbh.shape[0]} tokens does not split over TP {tp} "
+                         "(sequence parallelism needs equal slices)")
+    return torch.chunk(x_sbh, tp, dim=0)[tp_rank].contiguous()

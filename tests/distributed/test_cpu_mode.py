@@ -22,9 +22,9 @@ import torch
 import torch.distributed as dist
 
 from megatron_fold import FoldedLayout, cpu, parallel_state
-from megatron_fold.moe.token_order import shard_sequence
 from megatron_fold.testing import moe_reference as ref
 from megatron_fold.testing.multirank import run_on_ranks
+from tests.moe.megatron_split import shard_positions
 
 S, B, H = 8, 2, 16
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -61,8 +61,9 @@ def _micro_batch(replica: int):
 
 
 def _shard(t, layout, rank):
+    """`rank`'s rows of a full [S, B, ...] tensor: Megatron's CP split, then torch.chunk over TP."""
     c = layout.rank_coords(rank)
-    return shard_sequence(t, c["tp"], layout.tp, c["cp"], layout.cp)
+    return shard_positions(t, c["tp"], layout.tp, c["cp"], layout.cp)
 
 
 def _reference_inputs(granularity, layout):

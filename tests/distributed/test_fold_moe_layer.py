@@ -1,7 +1,8 @@
 """FoldMoELayer on 8 folded ranks equals a single-rank run of the same layer with the same full weights.
 
 Each data-parallel replica (a (DP, PP) coordinate: PP stages here hold independent copies of the layer)
-gets its own micro-batch, sharded over CP and TP the way Megatron shards it. Checked per rank: the
+gets its own micro-batch, sharded over CP and TP the way Megatron shards it (Megatron's own
+get_batch_on_this_cp_rank and torch.chunk: moe_reference.shard_like_megatron). Checked per rank: the
 output rows and input gradients of its shard equal the single-rank run of its micro-batch. Checked per
 parameter: after reducing each gradient over the group Megatron reduces it over (EDP for experts,
 TP x DP x CP for sequence-parallel replicated parameters: router weight, shared-expert gate; DP x CP
@@ -18,7 +19,6 @@ import torch
 
 from megatron_fold import FoldedLayout, parallel_state
 from megatron_fold.specs import get_fold_moe_module_spec
-from megatron_fold.moe.token_order import shard_sequence
 from megatron_fold.testing import moe_reference as ref
 from megatron_fold.testing.multirank import run_on_ranks
 
@@ -151,7 +151,9 @@ def _multi_rank(rank, world_size, layout_kwargs, reference):
         for cfg, (weights, _) in zip(CONFIGS, reference):
             layer, _ = _build(cfg, layout, pgs, weights)
             x, w = _micro_batch(replica, cfg)
-            shard = lambda t: shard_sequence(t, c["tp"], layout.tp, c["cp"], layout.cp)  # noqa: E731
+            # Megatron's own CP split and torch.chunk over TP, not megatron_fold.moe.token_order (the router's).
+            shard = lambda t: ref.shard_like_megatron(t, pgs.tp.rank(), pgs.tp.size(), pgs.cp)  # noqa: E731
+            positions = shard(torch.arange(x.shape[0])[:, None])[:, 0]  # sequence positions of this rank's rows
             out, gx = _run(layer, shard(x), shard(w))
             # Determinism: a second layer from the same weights and inputs gives bitwise the same output,
             # input gradient and parameter gradients.
@@ -165,7 +167,7 @@ def _multi_rank(rank, world_size, layout_kwargs, reference):
             # Rows this rank's experts received, and rows it sent to experts (padding excluded here).
             traffic = (int(layer.token_dispatcher.last_tokens_per_local_expert.sum()),
                        sum(layer.token_dispatcher._send))
-            results.append((out, gx, ref.gather_full_grads(layer, pgs), layer.metrics(), traffic))
+            results.append((out, gx, ref.gather_full_grads(layer, pgs), layer.metrics(), positions, traffic))
         return results
     finally:
         parallel_state.destroy_model_parallel()
@@ -192,9 +194,9 @@ def test_matches_single_rank(name, layout_kwargs):
     for rank, results in enumerate(per_rank):
         c = layout.rank_coords(rank)
         replica = c["dp"] * layout.pp + c["pp"]
-        shard = lambda t: shard_sequence(t, c["tp"], layout.tp, c["cp"], layout.cp)  # noqa: E731
-        for cfg, (weights, per_batch), (out, gx, grads, metrics, _) in zip(CONFIGS, reference, results):
+        for cfg, (weights, per_batch), (out, gx, grads, metrics, positions, _) in zip(CONFIGS, reference, results):
             ref_out, ref_gx, _, ref_metrics = per_batch[replica]
+            shard = lambda t: t.index_select(0, positions)  # noqa: E731
             # Tokens per expert and the drop rate describe the replica's whole micro-batch: layout-free.
             assert metrics.tokens_per_expert == ref_metrics.tokens_per_expert, (rank, cfg)
             assert abs(metrics.dropped_fraction - ref_metrics.dropped_fraction) < 1e-12, (rank, cfg)

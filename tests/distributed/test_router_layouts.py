@@ -19,7 +19,6 @@ from megatron.core.transformer.moe.moe_utils import get_updated_expert_bias
 
 from megatron_fold import FoldedLayout, parallel_state
 from megatron_fold.moe.router import FoldRouter, NonFiniteRouterScores
-from megatron_fold.moe.token_order import shard_sequence
 from megatron_fold.testing import moe_reference as ref
 from megatron_fold.testing.multirank import run_on_ranks
 
@@ -145,6 +144,13 @@ def _single(rank, world_size):
         parallel_state.destroy_model_parallel()
 
 
+def _shard(t, pgs, sequence_parallel=True):
+    """This rank's rows of a full [S, B, ...] tensor, cut by Megatron's CP split and torch.chunk over TP
+    (not by megatron_fold.moe.token_order, which the router uses)."""
+    tp = pgs.tp.size() if sequence_parallel else 1
+    return ref.shard_like_megatron(t, pgs.tp.rank() if sequence_parallel else 0, tp, pgs.cp)
+
+
 def _multi(rank, world_size, layout_kwargs):
     layout = FoldedLayout(world_size, **layout_kwargs)
     pgs = parallel_state.initialize_model_parallel(layout)
@@ -152,9 +158,9 @@ def _multi(rank, world_size, layout_kwargs):
         c = layout.rank_coords(rank)
         out = {}
         for name, (kind, _) in CASES.items():
-            x, r = (shard_sequence(t, c["tp"], layout.tp, c["cp"], layout.cp) for t in _inputs(name, c["dp"]))
+            x, r = (_shard(t, pgs) for t in _inputs(name, c["dp"]))
             out[name] = _route(layout, pgs, name, x, r, pgs.tp_cp if kind == "replica" else pgs.tp_dp_cp)
-        return out
+        return dict(cases=out, positions=_shard(torch.arange(S)[:, None], pgs)[:, 0])
     finally:
         parallel_state.destroy_model_parallel()
 
@@ -172,17 +178,18 @@ def _close(actual, expected, what):
 def test_sequence_scope_is_layout_invariant(single, layout_kwargs):
     layout = FoldedLayout(8, **layout_kwargs)
     results = run_on_ranks(_multi, 8, layout_kwargs, timeout=120)
-    for rank, per_case in enumerate(results):
+    for rank, result in enumerate(results):
         c = layout.rank_coords(rank)
+        positions = result["positions"]  # the sequence positions of this rank's rows, as Megatron cuts them
 
-        for name, got in per_case.items():
+        for name, got in result["cases"].items():
             kind = CASES[name][0]
             want = single[name][c["dp"]] if kind == "replica" else single[name][layout.dp]
             columns = slice(0, B) if kind == "replica" else slice(c["dp"] * B, (c["dp"] + 1) * B)
 
             def mine(t):  # this rank's rows of a single-rank tensor [S*B', ...] or [S, B', ...]
                 full = t.reshape(S, -1, *t.shape[(2 if t.dim() == 3 else 1):])[:, columns]
-                return shard_sequence(full, c["tp"], layout.tp, c["cp"], layout.cp)
+                return full.index_select(0, positions)
 
             where = f"rank {rank} {name}"
             E = _experts(name)
@@ -227,8 +234,8 @@ def test_sequence_scope_collectives(single):
     token counts come from the gathered keys, without a collective of their own."""
     layout = FoldedLayout(8, tp=2, cp=2)
     results = run_on_ranks(_multi, 8, dict(tp=2, cp=2), timeout=120)
-    for rank, per_case in enumerate(results):
-        calls, sent = per_case["probs-top2-e8-aux+z"]["comm"]
+    for rank, result in enumerate(results):
+        calls, sent = result["cases"]["probs-top2-e8-aux+z"]["comm"]
         local_tokens = S // (layout.tp * layout.cp) * B
         assert calls == {"all_reduce_finite_check": 1, "all_gather_coords": 1, "all_gather_scores": 1}, rank
         assert sent["all_gather_scores"] == local_tokens * 8 * 4 * (layout.tp * layout.cp - 1), rank
@@ -248,19 +255,18 @@ def _no_sequence_parallel(rank, world_size):
             router.weight.copy_(_weight(name))
         router.set_layer_number(1)
         x, _ = _inputs(name, c["dp"])
-        probs, routing_map = router(shard_sequence(x, 0, 1, c["cp"], layout.cp))
-        return routing_map, router.last_tokens_per_expert
+        probs, routing_map = router(_shard(x, pgs, sequence_parallel=False))
+        return routing_map, router.last_tokens_per_expert, _shard(torch.arange(S)[:, None], pgs, False)[:, 0]
     finally:
         parallel_state.destroy_model_parallel()
 
 
 def test_tensor_parallel_without_sequence_parallel(single):
     layout = FoldedLayout(8, tp=2, cp=2)
-    for rank, (routing_map, tokens) in enumerate(run_on_ranks(_no_sequence_parallel, 8, timeout=120)):
+    for rank, (routing_map, tokens, positions) in enumerate(run_on_ranks(_no_sequence_parallel, 8, timeout=120)):
         c = layout.rank_coords(rank)
         want = single["position-top2-e8"][c["dp"]]
-        assert torch.equal(routing_map, shard_sequence(want["map"].reshape(S, B, -1), 0, 1, c["cp"], layout.cp)
-                           .reshape(-1, 8)), rank
+        assert torch.equal(routing_map, want["map"].reshape(S, B, -1).index_select(0, positions).reshape(-1, 8)), rank
         assert torch.equal(tokens, want["counts"][1]), rank  # TP copies are not counted twice
 
 
@@ -275,7 +281,7 @@ def _subsequence(rank, world_size):
             router.weight.copy_(_weight(name))
         router.set_layer_number(1)
         x, _ = _inputs(name, c["dp"])
-        probs, routing_map = router(shard_sequence(x, c["tp"], layout.tp, c["cp"], layout.cp))
+        probs, routing_map = router(_shard(x, pgs))
         return routing_map, router.last_tokens_per_expert, router.last_tokens_per_expert_before_drop
     finally:
         parallel_state.destroy_model_parallel()
