@@ -1,23 +1,30 @@
-"""CPU mode: Megatron-Core's own MoE code on CPU ranks with gloo.
+"""CPU mode: Megatron-Core's own MoE and training code on CPU ranks with gloo.
 
 Why: Megatron-Core's MoELayer is the oracle our tests compare FoldMoELayer with and the baseline of our
-benchmark, so it has to run where our CPU test tier runs. Its numerics are device-agnostic PyTorch, but
-it reaches for CUDA in a few places, and CPU mode answers exactly those the way a machine whose only
-device is the CPU would (each patch in `_patches` says where Megatron makes the call):
+benchmark, and Megatron's DDP, optimizers, pipeline schedules and dist_checkpointing train whole models
+in the CPU test tier and `megatron-fold train`. Their numerics are device-agnostic PyTorch, but they
+reach for CUDA in a few places, and CPU mode answers exactly those the way a machine whose only device
+is the CPU would (each patch in `_patches` says where Megatron makes the call):
   - torch.cuda.current_device() -> the CPU device, so `torch.empty(..., device=current_device())`
     allocates where the inputs live (Megatron uses the result only as an allocation device here);
-  - torch.cuda.Stream / current_stream -> one synchronous stream whose waits are always met, whose
-    events are always complete (CPU work runs in issue order);
+  - torch.cuda.Stream / current_stream / synchronize -> one synchronous stream whose waits are always
+    met, whose events are always complete (CPU work runs in issue order);
   - the alltoall dispatcher's device-to-host copy of split sizes -> the NumPy view the GPU path yields;
-  - an uneven all-gather (gloo has none) -> an equal all-gather of zero-padded rows, padding cut.
+  - an uneven all-gather (gloo has none) -> an equal all-gather of zero-padded rows, padding cut;
+  - `device="cuda"` literals in the training-path modules listed in _CUDA_LITERAL_MODULES (loss-scale,
+    found-inf and grad-norm buffers, the default causal mask, the schedules' token counters) -> the
+    CPU, through a `torch` seen by those modules only; Tensor.cuda() -> the tensor itself;
+  - Tensor.type() -> the CUDA type name ('torch.cuda.FloatTensor'), which the optimizers dispatch on;
+  - RoPE's CP chunk indices (pinned memory, then .cuda()) -> made on the embedding's device;
+  - the RNG tracker -> portable.rng.CpuRNGStatesTracker (CPU generator states, same streams).
 Nothing else changes: every kernel and collective Megatron runs is the one it would run, on CPU tensors.
 
-Covered (tests/distributed/test_cpu_mode.py proves it against single-rank runs): MoELayer with the
-"allgather" and "alltoall" dispatchers (dropless, dropping, drop-and-pad), TopKRouter with expert-bias
-buffers and aux / z losses, SequentialMLP experts (plain and gated), SharedExpertMLP (gated, and
-overlapped with the dispatcher), Column/RowParallelLinear with `is_expert`, the tensor-parallel
-mappings. Not covered: CUDA RNG trackers (`get_cuda_rng_tracker().fork()`; build layers with
-`use_cpu_initialization=True`), CUDA graphs, fused permute / router kernels, Transformer Engine.
+Covered (tests/distributed/test_cpu_mode.py and test_whole_model.py prove it against single-rank
+runs): MoELayer with the "allgather" and "alltoall" dispatchers (dropless, dropping, drop-and-pad),
+TopKRouter with expert-bias buffers and aux / z losses, SequentialMLP experts, SharedExpertMLP,
+Column/RowParallelLinear, the tensor-parallel mappings, GPTModel with RoPE, DistributedDataParallel,
+the plain and distributed optimizers with gradient clipping, the 1F1B and interleaved pipeline
+schedules, dist_checkpointing. Not covered: CUDA graphs, fused kernels, Transformer Engine, autocast.
 
 Safety: `enable_cpu_mode()` RAISES (CpuModeRefused) where `torch.cuda.is_available()`, so it can never
 alter a GPU run; code that runs on both kinds of machine enables it under
@@ -28,6 +35,8 @@ Modules Megatron builds while CPU mode is on hold its CPU streams and must also 
 from __future__ import annotations
 
 import contextlib
+import functools
+import types
 
 import torch
 import torch.distributed as dist
@@ -132,11 +141,111 @@ def _uneven_gather_patch():
     return mappings, "_gather_along_first_dim", gather_along_first_dim
 
 
+class _TorchWithCpuDevice(types.ModuleType):
+    """`torch` as one Megatron module sees it in CPU mode: tensors it creates with `device="cuda"`
+    are created on the CPU, and `pin_memory` (a host-to-GPU transfer optimisation) is dropped.
+    Everything else is torch itself. Installed as the `torch` global of exactly the modules listed
+    in _patches, so no other code sees it."""
+
+    _FACTORIES = ("tensor", "zeros", "ones", "empty", "full", "arange", "as_tensor", "randn", "rand")
+
+    def __init__(self):
+        super().__init__("torch")
+        for name in self._FACTORIES:
+            setattr(self, name, self._on_cpu(getattr(torch, name)))
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def _on_cpu(factory):
+        @functools.wraps(factory)
+        def create(*args, **kwargs):
+            device = kwargs.get("device")
+            if device is not None and torch.device(device).type == "cuda":
+                kwargs["device"] = "cpu"
+            kwargs.pop("pin_memory", None)
+            return factory(*args, **kwargs)
+
+        return create
+
+
+_TORCH_ON_CPU = _TorchWithCpuDevice()
+
+# Megatron-Core modules on the training path that create tensors with a literal device="cuda":
+# loss-scale and found-inf buffers (optimizer.py), gradient-norm buffers (clip_grads.py, and the local
+# l2-norm fallback in utils.py), the default causal mask (transformer/utils.py), token counters of the
+# pipeline schedules (schedules.py), DDP's warm-up tensor (param_and_grad_buffer.py) and the
+# distributed optimizer's buffers (distrib_optimizer.py).
+_CUDA_LITERAL_MODULES = (
+    "megatron.core.optimizer.optimizer", "megatron.core.optimizer.clip_grads", "megatron.core.utils",
+    "megatron.core.transformer.utils", "megatron.core.pipeline_parallel.schedules",
+    "megatron.core.distributed.param_and_grad_buffer", "megatron.core.optimizer.distrib_optimizer",
+)
+
+
+def _pos_emb_on_this_cp_rank(pos_emb, seq_dim, cp_group):
+    """Megatron's rope_utils.get_pos_emb_on_this_cp_rank builds its two chunk indices in pinned memory
+    and moves them with .cuda(); here they are made where the embedding lives. CP rank r keeps
+    chunks r and 2*CP-1-r of 2*CP along `seq_dim` (Megatron's load-balanced order)."""
+    if cp_group is None:
+        raise ValueError("cp_group must be provided to get positional embedding per CP rank")
+    cp, r = cp_group.size(), cp_group.rank()
+    chunks = torch.tensor([r, 2 * cp - 1 - r], device=pos_emb.device)
+    pos_emb = pos_emb.view(*pos_emb.shape[:seq_dim], 2 * cp, -1, *pos_emb.shape[seq_dim + 1:])
+    pos_emb = pos_emb.index_select(seq_dim, chunks)
+    return pos_emb.view(*pos_emb.shape[:seq_dim], -1, *pos_emb.shape[seq_dim + 2:])
+
+
+_TENSOR_TYPE = torch.Tensor.type
+
+
+def _cuda_type_name(self, dtype=None, non_blocking=False, **kwargs):
+    """Tensor.type() as Megatron's optimizers test it: they choose fp32 or fp16/bf16 handling by the
+    name 'torch.cuda.FloatTensor' / 'torch.cuda.BFloat16Tensor' and assert it on gradients
+    (distrib_optimizer.py, optimizer.py, clip_grads.py). On a machine without CUDA every tensor is a
+    CPU one, so the name given is its CUDA counterpart's. Conversions (`dtype` given) are untouched."""
+    if dtype is not None:
+        return _TENSOR_TYPE(self, dtype, non_blocking, **kwargs)
+    name = _TENSOR_TYPE(self)
+    return name if self.is_cuda or name.startswith("torch.cuda.") else name.replace("torch.", "torch.cuda.", 1)
+
+
+def _tensor_to_device(self, device=None, non_blocking=False, **kwargs):
+    """Tensor.cuda(): the device is the CPU, where the tensor already is (the distributed optimizer's
+    state gathering for checkpoints moves its shards with .cuda() before a collective)."""
+    return self
+
+
+def _synchronize(device=None):
+    """torch.cuda.synchronize on a device whose work runs in issue order: nothing to wait for."""
+
+
 def _patches() -> list[tuple[object, str, object]]:
-    """(owner, attribute, CPU replacement): each is a call on Megatron-Core's MoE path."""
+    """(owner, attribute, CPU replacement): each is a call on Megatron-Core's MoE or training path."""
+    from megatron.core.tensor_parallel import random as tp_random
     from megatron.core.transformer.moe import token_dispatcher
 
-    return [
+    from megatron_fold.portable.rng import CpuRNGStatesTracker
+
+    import importlib
+
+    from megatron.core.models.common.embeddings import rotary_pos_embedding, yarn_rotary_pos_embedding
+
+    literal_cuda = [(importlib.import_module(name), "torch", _TORCH_ON_CPU) for name in _CUDA_LITERAL_MODULES]
+    return literal_cuda + [
+        # RoPE under context parallelism: the chunk indices (imported by name into both modules).
+        (rotary_pos_embedding, "get_pos_emb_on_this_cp_rank", _pos_emb_on_this_cp_rank),
+        (yarn_rotary_pos_embedding, "get_pos_emb_on_this_cp_rank", _pos_emb_on_this_cp_rank),
+        # The optimizers' dtype dispatch and gradient asserts on tensor.type().
+        (torch.Tensor, "type", _cuda_type_name),
+        # Explicit moves to "the" device (distrib_optimizer.py's checkpoint state gathering).
+        (torch.Tensor, "cuda", _tensor_to_device),
+        # Batched pipeline p2p synchronises the device after its sends and receives.
+        (torch.cuda, "synchronize", _synchronize),
+        # RNG streams (model_parallel_cuda_manual_seed, the forks in embedding, block and attention):
+        # initialize_rng_tracker instantiates this class, so the tracker keeps CPU generator states.
+        (tp_random, "CudaRNGStatesTracker", CpuRNGStatesTracker),
         # Allocations everywhere (router buffers, mappings' output buffers, linear layers' SP gathers).
         (torch.cuda, "current_device", _current_device),
         # Alltoall dispatcher: a DtoH side stream created in __init__; shared-expert overlap's stream.
@@ -159,7 +268,17 @@ def _stream_caches():
     return [(MoEAlltoAllTokenDispatcher, "cuda_dtoh_stream"), (SharedExpertMLP, "stream")]
 
 
+def _forget_rng_tracker():
+    """Megatron creates its RNG tracker once, on first use; make the next use create it anew (with the
+    class in force then), so CUDA and CPU states never mix."""
+    from megatron.core.tensor_parallel import random as tp_random
+
+    tp_random._CUDA_RNG_STATE_TRACKER = None
+    tp_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = False
+
+
 _saved: list[tuple[object, str, object]] = []
+_INHERITED = object()
 
 
 def is_active() -> bool:
@@ -180,8 +299,12 @@ def enable_cpu_mode() -> None:
         )
     if _saved:
         return
+    _forget_rng_tracker()  # one made before CPU mode holds CUDA states
     for owner, name, replacement in _patches():
-        _saved.append((owner, name, getattr(owner, name)))
+        # A class attribute inherited from a base (Tensor.type lives on TensorBase) is deleted again
+        # on restore rather than shadowed by a copy of the inherited one.
+        own = name in vars(owner)
+        _saved.append((owner, name, getattr(owner, name) if own else _INHERITED))
         setattr(owner, name, replacement)
 
 
@@ -191,8 +314,12 @@ def disable_cpu_mode() -> None:
     was_active = bool(_saved)
     while _saved:
         owner, name, original = _saved.pop()
-        setattr(owner, name, original)
+        if original is _INHERITED:
+            delattr(owner, name)
+        else:
+            setattr(owner, name, original)
     if was_active:
+        _forget_rng_tracker()
         for cls, attr in _stream_caches():
             if isinstance(getattr(cls, attr, None), _CpuStream):
                 setattr(cls, attr, None)

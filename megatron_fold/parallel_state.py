@@ -49,9 +49,12 @@ _MEGATRON_GETTERS = {
 }
 assert set(_MEGATRON_GETTERS) == set(GROUP_NAMES)
 
-# The ProcessGroupCollection fields our modules read (Megatron's names).
-_COLLECTION_FIELDS = ["tp", "cp", "tp_cp", "pp", "mp", "dp", "dp_cp", "tp_dp_cp",
-                      "ep", "expt_tp", "tp_ep", "tp_ep_pp", "expt_dp"]
+# ProcessGroupCollection fields -> our group names, for the fields FoldedLayout predicts. The other
+# fields (embedding groups, the distributed optimizer's instance groups, partial-DP groups, ...) are
+# Megatron's own derived groups, taken as Megatron built them.
+COLLECTION_TO_LAYOUT = {"tp": "tp", "cp": "cp", "tp_cp": "tp_cp", "pp": "pp", "mp": "mp", "dp": "dp",
+                        "dp_cp": "dp_cp", "tp_dp_cp": "tp_dp_cp", "ep": "ep", "expt_tp": "etp",
+                        "tp_ep": "tp_ep", "tp_ep_pp": "tp_ep_pp", "expt_dp": "edp"}
 
 
 def megatron_group(name: str) -> dist.ProcessGroup:
@@ -87,16 +90,21 @@ def initialize_model_parallel(layout: FoldedLayout, **megatron_kwargs) -> Proces
         order=layout.order,
         **megatron_kwargs,
     )
+    # Every field, not only those the MoE layer reads: DDP, finalize_model_grads (embd, pos_embd),
+    # get_megatron_optimizer (intra_dp_cp, intra_expt_dp, intra/inter_dist_opt) and the schedules
+    # each require their own, and a field left out is read as "not provided".
+    pg_collection = ProcessGroupCollection.use_mpu_process_groups()
     try:
-        verify_groups(layout)
+        verify_groups(layout, pg_collection)
     except RuntimeError:
         mpu.destroy_model_parallel()  # leave no half-trusted global state behind
         raise
-    return ProcessGroupCollection.use_mpu_process_groups(required_pgs=_COLLECTION_FIELDS)
+    return pg_collection
 
 
-def verify_groups(layout: FoldedLayout) -> None:
-    """Raise on EVERY rank if any group Megatron built for any rank differs from the layout's prediction.
+def verify_groups(layout: FoldedLayout, pg_collection: ProcessGroupCollection | None = None) -> None:
+    """Raise on EVERY rank if any group Megatron built for any rank differs from the layout's prediction
+    (Megatron's global groups, and the collection's fields that have a layout counterpart).
 
     A collective (one all_gather_object over the world): a rank whose groups are right would otherwise
     carry on into training and block in its first collective with a rank that raised.
@@ -108,6 +116,12 @@ def verify_groups(layout: FoldedLayout) -> None:
         predicted = layout.group_of(name, rank)
         if built != predicted:
             differing.append(f"{name}: Megatron built {built}, layout predicts {predicted}")
+    for field, name in (COLLECTION_TO_LAYOUT.items() if pg_collection is not None else ()):
+        group = getattr(pg_collection, field, None)
+        built = sorted(dist.get_process_group_ranks(group)) if group is not None else None
+        predicted = layout.group_of(name, rank)
+        if built != predicted:
+            differing.append(f"pg_collection.{field}: {built}, layout predicts {predicted} ({name})")
     everyone: list = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, differing)
     bad = [(r, d) for r, d in enumerate(everyone) if d]

@@ -9,6 +9,7 @@ Mixtral / Qwen2-MoE specs (and Megatron-LM's pretrain_gpt.py) build FoldMoELayer
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 
@@ -25,6 +26,7 @@ __all__ = [
     "install",
     "uninstall",
     "is_installed",
+    "installed",
 ]
 
 
@@ -113,3 +115,19 @@ def uninstall() -> None:
 
 def is_installed() -> bool:
     return any(m.get_moe_module_spec_for_backend is not _ORIGINAL[m] for m in _PATCH_TARGETS)
+
+
+@contextlib.contextmanager
+def installed(fold: bool = True, **options):
+    """Stock spec builders build FoldMoELayer (`fold=True`, with `options` as for install()) or
+    Megatron's own MoELayer (`fold=False`) inside the block; whatever was installed before is restored."""
+    saved = {m: m.get_moe_module_spec_for_backend for m in _PATCH_TARGETS}
+    if fold:
+        install(**options)
+    else:
+        uninstall()
+    try:
+        yield
+    finally:
+        for module, builder in saved.items():
+            module.get_moe_module_spec_for_backend = builder

@@ -185,14 +185,22 @@ def test_uneven_all_gather_returns_every_rank_rows_in_order():
 
 def _module_state():
     """Every attribute of the modules CPU mode may touch, and the class attributes caching streams."""
+    import importlib
+
+    from megatron.core.models.common.embeddings import rotary_pos_embedding, yarn_rotary_pos_embedding
     from megatron.core.tensor_parallel import mappings
+    from megatron.core.tensor_parallel import random as tp_random
     from megatron.core.transformer.moe import moe_utils, token_dispatcher
     from megatron.core.transformer.moe.shared_experts import SharedExpertMLP
 
     state = {}
-    for module in (torch.cuda, mappings, moe_utils, token_dispatcher):
+    literal_cuda = [importlib.import_module(m) for m in cpu._CUDA_LITERAL_MODULES]
+    for module in (torch.cuda, mappings, moe_utils, token_dispatcher, tp_random, rotary_pos_embedding,
+                   yarn_rotary_pos_embedding, *literal_cuda):
         for key, value in vars(module).items():
             state[f"{module.__name__}.{key}"] = value
+    for key, value in vars(torch.Tensor).items():
+        state[f"torch.Tensor.{key}"] = value
     state["MoEAlltoAllTokenDispatcher.cuda_dtoh_stream"] = token_dispatcher.MoEAlltoAllTokenDispatcher.cuda_dtoh_stream
     state["SharedExpertMLP.stream"] = SharedExpertMLP.stream
     return state
@@ -203,9 +211,17 @@ def _changed(before, after):
 
 
 PATCHED = sorted([
-    "torch.cuda.current_device", "torch.cuda.Stream", "torch.cuda.current_stream",
+    "torch.cuda.current_device", "torch.cuda.Stream", "torch.cuda.current_stream", "torch.cuda.synchronize",
     "megatron.core.transformer.moe.token_dispatcher.maybe_move_tensor_to_cpu",
     "megatron.core.tensor_parallel.mappings._gather_along_first_dim",
+    "megatron.core.tensor_parallel.random.CudaRNGStatesTracker",
+    "megatron.core.models.common.embeddings.rotary_pos_embedding.get_pos_emb_on_this_cp_rank",
+    "megatron.core.models.common.embeddings.yarn_rotary_pos_embedding.get_pos_emb_on_this_cp_rank",
+    "torch.Tensor.type", "torch.Tensor.cuda",
+    "megatron.core.optimizer.optimizer.torch", "megatron.core.optimizer.clip_grads.torch",
+    "megatron.core.utils.torch", "megatron.core.transformer.utils.torch",
+    "megatron.core.pipeline_parallel.schedules.torch", "megatron.core.distributed.param_and_grad_buffer.torch",
+    "megatron.core.optimizer.distrib_optimizer.torch",
 ])
 
 
