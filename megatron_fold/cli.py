@@ -155,6 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="rank folded layouts for a model and a cluster")
     plan_command.add_arguments(p)
     p.set_defaults(func=plan_command.run)
+
+    from megatron_fold.plan import calibrate
+
+    p = sub.add_parser("calibrate", help="measure this machine's GEMMs, attention and links into a profile for plan --profile")
+    calibrate.add_arguments(p)
+    p.set_defaults(func=calibrate.run)
     return parser
 
 

@@ -10,6 +10,7 @@ from megatron_fold.layout import FoldedLayout
 from megatron_fold.plan.cost import Choice, estimate
 from megatron_fold.plan.hardware import GPUS, get_gpu
 from megatron_fold.plan.models import PRESETS, from_hf_config, get_model
+from megatron_fold.plan.profile import load_profile
 from megatron_fold.plan.search import is_coupled, layout_violations, plan
 
 _LAYOUT_KEYS = {"tp", "cp", "pp", "vpp", "ep", "etp", "mbs"}
@@ -23,6 +24,11 @@ def add_arguments(p) -> None:
     p.add_argument("--gpus", type=int, required=True)
     p.add_argument("--gpus-per-node", type=int, default=8)
     p.add_argument("--gpu", default="h100", help=f"preset: {', '.join(GPUS)}")
+    p.add_argument("--profile", help="a hardware profile from `megatron-fold calibrate` (replaces --gpu)")
+    p.add_argument("--nvlink-domain", type=int,
+                   help="GPUs sharing one NVLink fabric, e.g. 72 for NVL72 (default: the profile's, else one node)")
+    p.add_argument("--drop-scope", choices=("subsequence", "sequence"), default="subsequence",
+                   help="with --capacity-factor: Megatron's per-rank drops, or megatron-fold's sequence scope")
     p.add_argument("--peak-tflops", type=float, help="override the preset's dense BF16 peak (TFLOP/s)")
     p.add_argument("--gpu-memory-gb", type=float, help="override the preset's memory (GB)")
     p.add_argument("--nvlink-gbs", type=float, help="override NVLink GB/s per GPU and direction")
@@ -114,7 +120,8 @@ def _one_layout(args, model, gpu, cf) -> int:
         raise ValueError(f"{model.name} cannot train with --layout {args.layout} on {args.gpus} GPUs:\n"
                          + "\n".join(f"  - {p}" for p in problems))
     mbs, vpp = sizes["mbs"], sizes["vpp"]
-    est = estimate(model, gpu, Choice(layout, vpp, mbs, spec["recompute"]), args.seq_len, args.global_batch, cf)
+    est = estimate(model, gpu, Choice(layout, vpp, mbs, spec["recompute"]), args.seq_len, args.global_batch, cf,
+                   drop_scope=args.drop_scope)
     if args.json:
         print(json.dumps(_as_dict(est), indent=1))
         return 0
@@ -130,14 +137,18 @@ def _one_layout(args, model, gpu, cf) -> int:
 
 def run(args) -> int:
     model = _model(args)
-    gpu = get_gpu(args.gpu).with_overrides(peak_tflops=args.peak_tflops, memory_gb=args.gpu_memory_gb,
-                                           nvlink_gbs=args.nvlink_gbs, network_gbs=args.network_gbs,
-                                           hbm_gbs=args.hbm_gbs)
-    for flag, value in (("--peak-tflops", gpu.peak_tflops), ("--gpu-memory-gb", gpu.memory_gb),
-                        ("--nvlink-gbs", gpu.nvlink_gbs), ("--network-gbs", gpu.network_gbs),
-                        ("--hbm-gbs", gpu.hbm_gbs)):
-        if value <= 0:
+    for flag, value in (("--peak-tflops", args.peak_tflops), ("--gpu-memory-gb", args.gpu_memory_gb),
+                        ("--nvlink-gbs", args.nvlink_gbs), ("--network-gbs", args.network_gbs),
+                        ("--hbm-gbs", args.hbm_gbs), ("--nvlink-domain", args.nvlink_domain)):
+        if value is not None and value <= 0:
             raise ValueError(f"{flag} must be positive, got {value:g}")
+    base = load_profile(args.profile) if args.profile else get_gpu(args.gpu)
+    gpu = base.with_overrides(peak_tflops=args.peak_tflops, memory_gb=args.gpu_memory_gb,
+                              nvlink_gbs=args.nvlink_gbs, network_gbs=args.network_gbs, hbm_gbs=args.hbm_gbs,
+                              nvlink_domain=args.nvlink_domain)
+    # Placement is decided by the NVLink domain (a node, or an NVL72 rack): it takes the place of the
+    # node in every layout the planner builds.
+    args.gpus_per_node = gpu.nvlink_domain or args.gpus_per_node
     if args.capacity_factor is not None and args.capacity_factor <= 0:
         raise ValueError(f"--capacity-factor must be positive, got {args.capacity_factor}")
     for flag, value in (("--gpus", args.gpus), ("--gpus-per-node", args.gpus_per_node),
@@ -150,7 +161,7 @@ def run(args) -> int:
 
     start = time.perf_counter()
     ranked, evaluated = plan(model, gpu, args.gpus, args.gpus_per_node, args.seq_len, args.global_batch, cf,
-                             no_fold=args.no_fold)
+                             no_fold=args.no_fold, drop_scope=args.drop_scope)
     elapsed = time.perf_counter() - start
     top = ranked[: args.top]
     # The coupled layouts are a subset of the folded search: the best of them is what folding is

@@ -65,24 +65,21 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass, field
 
-from megatron_fold.layout import FoldedLayout
-from megatron_fold.plan.hardware import GPUSpec
+from megatron_fold.layout import TP_PP_DP_ORDER, FoldedLayout
 from megatron_fold.plan.models import ModelSpec
+from megatron_fold.plan.profile import Profile
+from megatron_fold.plan.terms import (attention_time, cp_attention_exchange_time, dropless_straggler_load,
+                                      ep_all_to_all_time, etp_collective_time, grouped_gemm_time, linear_time,
+                                      permutation_time, ring_collective_time, sequence_scope_gather_time,
+                                      sequence_scope_rows)
 
 __all__ = ["Choice", "Estimate", "estimate", "memory_gb", "stage_params", "model_flops_per_token",
            "in_flight_microbatches", "interleaving_violation", "DROPLESS_MEMORY_LOAD_FACTOR",
-           "DROPLESS_TIME_LOAD_FACTOR"]
+           "expert_load_factor"]
 
-# Calibrated once against the two Megatron-MoE-ModelZoo Mixtral 8x22B runs of docs/planner.md
-# (TP2 PP8 VPP7 EP8 ETP1 on 128 H100s: 455 TFLOP/s dropless, 470 with capacity factor 1.0): the
-# balanced run sets the GEMM efficiency, the ratio of the two the dropless straggler load. Every other
-# row there is a prediction, not a fit. The efficiency is an effective one: it also absorbs what the
-# model leaves out (kernel launch gaps, router and permutation bookkeeping, host synchronisation).
-GEMM_PEAK_EFFICIENCY = 0.62
-GEMM_HALF_EFFICIENCY_DIM = 128
-ATTENTION_EFFICIENCY = 0.55
-ATTENTION_HALF_EFFICIENCY_BLOCK = 512
-DROPLESS_TIME_LOAD_FACTOR = 1.05
+# Kernel and link numbers come from the profile (profile.py, with sources); nothing here is fitted to
+# end-to-end throughput. Memory headroom for dropless routing: an expert receiving 20% more than its
+# share (a sizing margin, not a time constant).
 DROPLESS_MEMORY_LOAD_FACTOR = 1.2
 RUNTIME_OVERHEAD_GB = 3.0
 GB = 1e9
@@ -100,7 +97,8 @@ class Choice:
     def label(self) -> str:
         l = self.layout
         return (f"TP{l.tp} CP{l.cp} PP{l.pp} VPP{self.vpp} EP{l.ep} ETP{l.etp} DP{l.dp} EDP{l.edp} "
-                f"mbs{self.micro_batch}{' recompute' if self.recompute else ''}")
+                f"mbs{self.micro_batch}{' recompute' if self.recompute else ''}"
+                f"{' tp-pp-dp' if l.order == TP_PP_DP_ORDER else ''}")
 
     def megatron_args(self, m: ModelSpec, seq: int, global_batch: int, capacity_factor: float | None) -> list[str]:
         """Megatron-LM arguments that reproduce this choice, the model and the cost model's assumptions
@@ -150,7 +148,7 @@ class Estimate:
         l = self.choice.layout
         return {
             "layout": {"tp": l.tp, "cp": l.cp, "pp": l.pp, "vpp": self.choice.vpp, "ep": l.ep, "etp": l.etp,
-                       "dp": l.dp, "edp": l.edp, "micro_batch": self.choice.micro_batch,
+                       "dp": l.dp, "edp": l.edp, "order": l.order, "micro_batch": self.choice.micro_batch,
                        "recompute": self.choice.recompute},
             "step_time_s": self.step_time_s, "tokens_per_s_per_gpu": self.tokens_per_s_per_gpu,
             "tflops_per_gpu": self.tflops_per_gpu, "mfu": self.mfu, "memory_gb": self.memory_gb,
@@ -209,7 +207,7 @@ def _placement(layout: FoldedLayout) -> _Placement:
     # recompute choice and every GPU preset (the search evaluates dozens of choices per layout).
     # Asking FoldedLayout enumerates every group over every rank, the search's main cost at 1,024
     # GPUs; a group of one rank is trivially inside a node and one larger than a node cannot be.
-    sizes = {"tp": layout.tp, "cp": layout.cp, "pp": layout.pp, "etp": layout.etp,
+    sizes = {"tp": layout.tp, "cp": layout.cp, "pp": layout.pp, "etp": layout.etp, "tp_cp": layout.tp * layout.cp,
              "dp_cp": layout.dp * layout.cp, "edp": layout.edp}
     gpn = layout.gpus_per_node
     intra = {name: size == 1 or (size <= gpn and layout.intra_node(name)) for name, size in sizes.items()}
@@ -218,10 +216,6 @@ def _placement(layout: FoldedLayout) -> _Placement:
         group = layout.groups("ep")[0]  # the group holding rank 0
         peers = sum(1 for r in group if layout.node_of(r) == layout.node_of(0)) - 1
     return _Placement(intra, peers)
-
-
-def _eff(smallest_dim: float) -> float:
-    return GEMM_PEAK_EFFICIENCY * smallest_dim / (smallest_dim + GEMM_HALF_EFFICIENCY_DIM)
 
 
 def stage_params(m: ModelSpec, layout: FoldedLayout, stage: int) -> tuple[float, float]:
@@ -282,73 +276,90 @@ def memory_gb(m: ModelSpec, choice: Choice, seq: int, global_batch: int,
     return name, stages[name]
 
 
-def estimate(m: ModelSpec, gpu: GPUSpec, choice: Choice, seq: int, global_batch: int,
-             capacity_factor: float | None, memory: tuple[str, dict[str, float]] | None = None) -> Estimate:
+def expert_load_factor(m: ModelSpec, layout: FoldedLayout, n: float, micro_batch: int, seq: int,
+                       capacity_factor: float | None, drop_scope: str) -> float:
+    """Expert rows per GPU over the balanced n*k*ETP. Dropping with padding: every expert receives its
+    padded capacity from every source rank, capacity.py's static bound for the drop scope (subsequence:
+    about the capacity factor; sequence: up to E/topk times more once TP x CP is large). Dropless: the
+    busiest EP rank's statistical excess (terms.dropless_straggler_load)."""
+    if capacity_factor is None:
+        return dropless_straggler_load(n * m.topk, layout.ep)
+    local_seq = seq // (layout.tp * layout.cp)
+    sequence, subsequence = sequence_scope_rows(local_seq, seq, micro_batch, m.topk, m.num_experts, capacity_factor)
+    padded = sequence if drop_scope == "sequence" else subsequence
+    return m.num_experts * padded / (n * m.topk)
+
+
+def estimate(m: ModelSpec, gpu: Profile, choice: Choice, seq: int, global_batch: int,
+             capacity_factor: float | None, memory: tuple[str, dict[str, float]] | None = None,
+             drop_scope: str = "subsequence") -> Estimate:
     """Time, throughput and memory of one choice; `memory` is memory_gb's answer when already known."""
     l, v, b = choice.layout, choice.vpp, choice.micro_batch
     t, c, p, e, u = l.tp, l.cp, l.pp, l.ep, l.etp
     M = global_batch // (l.dp * b)
     layers = m.num_layers // p
     n = b * seq / (t * c)
-    h, F, Fs = m.hidden, m.moe_ffn, m.shared_expert_ffn
+    h, F, Fs, E, k = m.hidden, m.moe_ffn, m.shared_expert_ffn, m.num_experts, m.topk
+    ad = m.num_heads * m.head_dim
     qkv_width = (m.num_heads + 2 * m.num_query_groups) * m.head_dim
 
     memory_stage, memory = memory or memory_gb(m, choice, seq, global_batch, capacity_factor)
     fits = sum(memory.values()) <= gpu.memory_gb
-
-    # ---- compute --------------------------------------------------------------------------------------
-    lf = capacity_factor if capacity_factor is not None else DROPLESS_TIME_LOAD_FACTOR
-    rows = n * m.topk * u * lf  # expert rows on one GPU per micro-batch and layer
-    peak = gpu.peak_tflops * 1e12
-    attn_gemm = (2 * n * h * qkv_width / _eff(min(n * t, qkv_width / t, h))
-                 + 2 * n * h * m.num_heads * m.head_dim / _eff(min(n * t, h, m.num_heads * m.head_dim / t)))
-    rows_per_expert = rows / (m.num_experts / e)
-    expert_gemm = rows * 6 * h * F / u / _eff(min(rows_per_expert, F / u, h))
-    shared_gemm = 6 * n * h * Fs / _eff(min(n * t, Fs / t, h)) if Fs else 0.0
-    router = 2 * n * h * m.num_experts / _eff(min(n, m.num_experts, h))
-    # Ring attention works on 2*CP chunks of the sequence: shorter blocks run less efficiently.
-    block = seq if c == 1 else seq / (2 * c)
-    attn_eff = ATTENTION_EFFICIENCY * block / (block + ATTENTION_HALF_EFFICIENCY_BLOCK)
-    core_attn_s = 2 * b * seq * seq * m.num_heads * m.head_dim / (t * c) / (attn_eff * peak)
-    elementwise_bytes = 2 * (rows * (4 * h + 3 * F / u) + 10 * n * h + 3 * n * Fs)
-    layer_compute_s = ((attn_gemm + expert_gemm + shared_gemm + router) / peak + core_attn_s
-                       + elementwise_bytes / (gpu.hbm_gbs * GB))
-    logits_s = 2 * n * h * m.vocab / _eff(min(n * t, m.vocab / t, h)) / peak
-
-    # ---- communication per layer and micro-batch (forward volume; x passes) ---------------------------
     place = _placement(l)
 
     def bw(group: str) -> float:
-        return (gpu.nvlink_gbs if place.intra[group] else gpu.network_gbs) * GB
+        return gpu.nvlink_gbs if place.intra[group] else gpu.network_gbs
 
+    # ---- compute, forward and backward per layer and micro-batch (terms.py) --------------------------
+    lf = expert_load_factor(m, l, n, b, seq, capacity_factor, drop_scope)
+    rows = n * k * u * lf  # expert rows on one GPU
+    # Sequence parallelism: attention and shared-expert GEMMs run on the TP group's gathered n*t tokens
+    # with TP-split weights; the router on this rank's n tokens.
+    gemms = [linear_time(n * t, h, qkv_width / t, gpu), linear_time(n * t, ad / t, h, gpu),
+             linear_time(n, h, E, gpu), grouped_gemm_time(rows, E // e, h, F // u, gpu)]
+    if Fs:
+        gemms += [linear_time(n * t, h, 2 * Fs / t, gpu), linear_time(n * t, Fs / t, h, gpu)]
+    gemm_fwd, gemm_bwd = sum(g[0] for g in gemms), sum(g[1] for g in gemms)
+    chunk = seq if c == 1 else seq / (2 * c)  # ring attention works on 2*CP chunks
+    attn_fwd = attention_time(2 * b * seq * seq * ad / (t * c), chunk, gpu)  # causal: half of 4*b*s^2*a*d
+    elementwise = (2 * (rows * 3 * F / u + 10 * n * h + 3 * n * Fs) / (gpu.hbm_gbs * GB)  # SwiGLU, norms
+                   + permutation_time(n * lf, h, k, E, gpu)
+                   + (4 * rows * h / (gpu.hbm_gbs * GB) if e * u > 1 else 0.0))  # sort received chunks
+    layer_fwd = gemm_fwd + attn_fwd + elementwise
+    layer_bwd = gemm_bwd + 2 * attn_fwd + 2 * elementwise  # flash attention backward: 2x the forward
+    lt, lk = linear_time(n * t, h, m.vocab / t, gpu)
+    logits_s = lt + lk
+
+    # ---- communication per layer and micro-batch (forward; the backward has a twin of each) ----------
     passes = 3 if choice.recompute else 2  # forward (+ recomputed forward) + backward
-    tp_s = (t - 1) * n * h * 2 * (2 + (2 if Fs else 0)) / bw("tp")
-    cp_bytes = (c - 1) * (b * seq / c) * 2 * m.num_query_groups * m.head_dim / t * 2
-    cp_s = max(0.0, cp_bytes / bw("cp") - core_attn_s)
-    ep_bytes = n * m.topk * lf * (e - 1) / e * h * 2
-    ep_intra = ep_bytes * place.ep_peers_on_node / (e - 1) if e > 1 else 0.0
-    ep_s = 2 * max(ep_intra / (gpu.nvlink_gbs * GB), (ep_bytes - ep_intra) / (gpu.network_gbs * GB))
-    etp_s = 2 * (u - 1) * n * m.topk * lf * h * 2 / bw("etp")
-    pp_s = v * n * h * 2 / bw("pp") if p > 1 else 0.0  # interleaving crosses v times more boundaries
+    tp_s = (2 + (2 if Fs else 0)) * ring_collective_time(n * h * 2, t, bw("tp"), gpu)
+    kv_step = 2 * (b * seq / c) * (m.num_query_groups / t) * m.head_dim * 2
+    cp_s = cp_attention_exchange_time(kv_step, c, attn_fwd, bw("cp"), gpu)
+    ep_s = 2 * ep_all_to_all_time(n * k * lf * h * 2, e, place.ep_peers_on_node, gpu)
+    etp_s = etp_collective_time(n * k * lf, h, u, bw("etp"), gpu)
+    drop_s = (sequence_scope_gather_time(n, E, t * c, bw("tp_cp"), gpu)
+              if capacity_factor is not None and drop_scope == "sequence" else 0.0)
+    pp_s = v * (n * h * 2 / (bw("pp") * GB) + gpu.collective_latency_us * 1e-6) if p > 1 else 0.0
 
     stage = {
-        # forward once, backward twice (x3); full recomputation adds one forward of the layers (x4)
-        "compute": layers * layer_compute_s * (4 if choice.recompute else 3) + logits_s * 3,
+        "compute": layers * (layer_fwd * (2 if choice.recompute else 1) + layer_bwd) + logits_s,
         "tp_comm": layers * tp_s * passes,
         "cp_comm": layers * cp_s * passes,
         "ep_comm": layers * ep_s * passes,
         "etp_comm": layers * etp_s * passes,
         "pp_comm": 2 * pp_s,
     }
+    if drop_s:
+        stage["drop_gather"] = layers * drop_s * passes
     t_stage = sum(stage.values())
 
     # ---- data parallelism (distributed optimizer), overlapped with the last backward -------------------
     dense_params, expert_params = stage_params(m, l, p - 1)  # the last stage: the step waits for it
-    dp_s = (6 * dense_params * (l.dp * c - 1) / (l.dp * c) / bw("dp_cp")
-            + 6 * expert_params * (l.edp - 1) / l.edp / bw("edp"))
-    dp_exposed = max(0.0, dp_s - stage["compute"] * 2 / 3)
+    dp_s = (6 * dense_params * (l.dp * c - 1) / (l.dp * c) / (bw("dp_cp") * GB)
+            + 6 * expert_params * (l.edp - 1) / l.edp / (bw("edp") * GB))
+    dp_exposed = max(0.0, dp_s - layers * layer_bwd)
 
-    time_s = {k: M * val for k, val in stage.items()}
+    time_s = {k_: M * val for k_, val in stage.items()}
     time_s["pipeline_bubble"] = (p - 1) / v * t_stage
     time_s["dp_comm_exposed"] = dp_exposed
     step = sum(time_s.values())
@@ -356,6 +367,7 @@ def estimate(m: ModelSpec, gpu: GPUSpec, choice: Choice, seq: int, global_batch:
     tokens = global_batch * seq
     flops = 3 * model_flops_per_token(m, seq) * tokens
     world = l.world_size
+    peak = gpu.peak_tflops * 1e12
     return Estimate(
         choice=choice, step_time_s=step, tokens_per_s_per_gpu=tokens / step / world,
         tflops_per_gpu=flops / step / world / 1e12, mfu=flops / (step * world * peak),

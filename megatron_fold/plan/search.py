@@ -10,9 +10,9 @@ FoldedLayout is built, and placement is computed once per layout, so 1,024 GPUs 
 
 from __future__ import annotations
 
-from megatron_fold.layout import FoldedLayout, LayoutError
+from megatron_fold.layout import DEFAULT_ORDER, TP_PP_DP_ORDER, FoldedLayout, LayoutError
 from megatron_fold.plan.cost import Choice, Estimate, estimate, interleaving_violation, memory_gb
-from megatron_fold.plan.hardware import GPUSpec
+from megatron_fold.plan.profile import Profile
 from megatron_fold.plan.models import ModelSpec
 
 __all__ = ["model_violations", "model_admits", "layout_violations", "batch_admits_some_layout", "is_coupled", "batch_violations", "candidate_layouts",
@@ -137,7 +137,8 @@ def batch_admits_some_layout(m: ModelSpec, world: int, seq: int, global_batch: i
 
 def candidate_layouts(m: ModelSpec, world: int, gpus_per_node: int, seq: int,
                       no_fold: bool = False) -> list[FoldedLayout]:
-    """Every FoldedLayout of `world` GPUs the model admits (no_fold: only the coupled ones, is_coupled)."""
+    """Every FoldedLayout of `world` GPUs the model admits, in both Megatron-LM rank orders (no_fold:
+    only the coupled ones, is_coupled)."""
     out = []
     tps, cps, pps, eps, etps = _admitted_sizes(m, world, seq)
     for tp in tps:
@@ -149,14 +150,20 @@ def candidate_layouts(m: ModelSpec, world: int, gpus_per_node: int, seq: int,
                     for etp in etps:
                         if world % (etp * ep * pp) or not model_admits(m, seq, tp, cp, pp, ep, etp):
                             continue
-                        try:
-                            layout = FoldedLayout(world, tp=tp, cp=cp, pp=pp, ep=ep, etp=etp,
-                                                  gpus_per_node=gpus_per_node, num_experts=m.num_experts)
-                        except LayoutError:
-                            continue
-                        if no_fold and not is_coupled(layout):
-                            continue
-                        out.append(layout)
+                        # Megatron-LM's two rank orders: --use-tp-pp-dp-mapping builds other groups only
+                        # with PP > 1 and DP > 1, where it needs EDP = DP (ETP*EP = TP*CP) and puts PP
+                        # stages on nearer ranks than DP replicas.
+                        swap = pp > 1 and world > tp * cp * pp and etp * ep == tp * cp
+                        orders = [DEFAULT_ORDER] + ([TP_PP_DP_ORDER] if swap else [])
+                        for order in orders:
+                            try:
+                                layout = FoldedLayout(world, tp=tp, cp=cp, pp=pp, ep=ep, etp=etp, order=order,
+                                                      gpus_per_node=gpus_per_node, num_experts=m.num_experts)
+                            except LayoutError:
+                                continue
+                            if no_fold and not is_coupled(layout):
+                                continue
+                            out.append(layout)
     return out
 
 
@@ -186,8 +193,9 @@ def candidate_choices(m: ModelSpec, layout: FoldedLayout, global_batch: int):
                 yield Choice(layout, vpp=vpp, micro_batch=mbs, recompute=recompute)
 
 
-def plan(m: ModelSpec, gpu: GPUSpec, world: int, gpus_per_node: int, seq: int, global_batch: int,
-         capacity_factor: float | None, no_fold: bool = False) -> tuple[list[Estimate], int]:
+def plan(m: ModelSpec, gpu: Profile, world: int, gpus_per_node: int, seq: int, global_batch: int,
+         capacity_factor: float | None, no_fold: bool = False,
+         drop_scope: str = "subsequence") -> tuple[list[Estimate], int]:
     """(estimates that fit, fastest first; number of choices evaluated)."""
     # Never empty: TP = CP = PP = EP = ETP = 1 (pure data parallelism) is always a valid layout.
     batch_admits_some_layout(m, world, seq, global_batch)
@@ -203,7 +211,7 @@ def plan(m: ModelSpec, gpu: GPUSpec, world: int, gpus_per_node: int, seq: int, g
             if total > gpu.memory_gb:
                 smallest = min(smallest, (total, choice.label()))
                 continue
-            fitting.append(estimate(m, gpu, choice, seq, global_batch, capacity_factor, memory))
+            fitting.append(estimate(m, gpu, choice, seq, global_batch, capacity_factor, memory, drop_scope))
     if not evaluated:
         dps = sorted({l.dp for l in layouts})
         raise ValueError(

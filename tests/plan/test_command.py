@@ -82,7 +82,7 @@ def test_hf_config(tmp_path, capsys):
 @pytest.mark.parametrize("argv,message", [
     (["--model", "gpt-5", "--gpus", "8"], "unknown model 'gpt-5'; presets: mixtral-8x7b"),
     (["--model", "mixtral-8x7b", "--gpus", "8", "--gpu", "tpu"], "unknown GPU 'tpu'"),
-    (["--model", "mixtral-8x22b", "--gpus", "8"], "none of the 5386 choices (146 layouts x VPP x micro-batch x recompute) of mixtral-8x22b on 8 h100 GPUs fits"),
+    (["--model", "mixtral-8x22b", "--gpus", "8"], "none of the 5856 choices (152 layouts x VPP x micro-batch x recompute) of mixtral-8x22b on 8 h100 GPUs fits"),
     (["--model", "mixtral-8x7b", "--gpus", "7", "--gpus-per-node", "7"],
      "global batch 256 is not divisible by the data-parallel size DP = GPUs / (TP*CP*PP) of any layout "
      "mixtral-8x7b admits on 7 GPUs (DP sizes: 7)"),

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 
 from megatron_fold.layout import FoldedLayout
-from megatron_fold.plan.cost import (DROPLESS_MEMORY_LOAD_FACTOR, DROPLESS_TIME_LOAD_FACTOR, GB, Choice, estimate,
+from megatron_fold.plan.cost import (DROPLESS_MEMORY_LOAD_FACTOR, GB, Choice, estimate, expert_load_factor,
                                      in_flight_microbatches, memory_gb, model_flops_per_token, stage_params)
 from megatron_fold.plan.hardware import get_gpu
 from megatron_fold.plan.models import PRESETS, get_model
@@ -103,27 +103,37 @@ def test_tied_embeddings_flops():
 
 def test_ep_all_to_all_splits_traffic_by_placement():
     """EP 16 over two 8-GPU nodes: 7 of a rank's 15 peers share its node (NVLink), 8 do not (network);
-    the all-to-all takes the slower of the two shares, twice (dispatch, combine), per pass."""
+    the all-to-all takes the slower of the two shares plus one call latency, twice (dispatch, combine),
+    per pass."""
     m = get_model("qwen3-30b-a3b")
     gpu = get_gpu("h100")
     layout = FoldedLayout(16, ep=16, gpus_per_node=8, num_experts=m.num_experts)
     est = estimate(m, gpu, Choice(layout), 4096, 64, None)
     n = 4096  # tokens per GPU per micro-batch: no TP, no CP, micro-batch 1
-    sent = n * m.topk * DROPLESS_TIME_LOAD_FACTOR * 15 / 16 * m.hidden * 2
-    per_layer = 2 * max(sent * 7 / 15 / (gpu.nvlink_gbs * 1e9), sent * 8 / 15 / (gpu.network_gbs * 1e9))
+    mu = n * m.topk  # copies a rank receives on average; the busiest of 16 gets sqrt(2 ln 16) sigma more
+    load = 1 + (2 * 2.772588722239781) ** 0.5 * (mu * 15 / 16) ** 0.5 / mu
+    sent = n * m.topk * load * m.hidden * 2
+    per_layer = 2 * (max(sent * 7 / 16 / (gpu.nvlink_gbs * 1e9), sent * 8 / 16 / (gpu.network_gbs * 1e9))
+                     + gpu.collective_latency_us * 1e-6)
     M = 64 // 16
     assert est.time_s["ep_comm"] == pytest.approx(M * m.num_layers * per_layer * 2, rel=1e-12)
 
 
-def test_capacity_factor_replaces_both_load_factors():
+def test_capacity_factor_load_is_the_padded_capacity():
+    """Drop-and-pad: each expert receives ceil(tokens*k/E*cf) rows from every source rank, so the load
+    factor is E * capacity / (tokens * k); the sequence scope pads to capacity.py's larger bound."""
     m = get_model("mixtral-8x7b")
-    layout = FoldedLayout(64, pp=4, ep=8, num_experts=8)
+    layout = FoldedLayout(64, tp=2, cp=2, pp=4, ep=8, etp=1, num_experts=8)
+    n = 4096 / 4  # tokens per rank: TP 2 x CP 2, micro-batch 1
+    assert expert_load_factor(m, layout, n, 1, 4096, 1.25, "subsequence") == pytest.approx(8 * 320 / (n * 2))
+    # sequence scope: min(local 1024 tokens, ceil(4096*2/8*1.25) = 1280) = 1024 rows per expert
+    assert expert_load_factor(m, layout, n, 1, 4096, 1.25, "sequence") == pytest.approx(8 * 1024 / (n * 2))
     choice = Choice(layout)
-    # Activations of the expert rows scale with the load factor: dropless 1.2 vs capacity 1.2 agree.
+    t_sub = estimate(m, get_gpu("h100"), choice, 4096, 256, 1.25).time_s
+    t_seq = estimate(m, get_gpu("h100"), choice, 4096, 256, 1.25, drop_scope="sequence").time_s
+    assert t_seq["ep_comm"] > t_sub["ep_comm"] and t_seq["drop_gather"] > 0 and "drop_gather" not in t_sub
+    # Memory: activations of the expert rows scale with the load factor: dropless 1.2 vs capacity 1.2 agree.
     assert memory_gb(m, choice, 4096, 256, DROPLESS_MEMORY_LOAD_FACTOR) == memory_gb(m, choice, 4096, 256, None)
-    t_dropless = estimate(m, get_gpu("h100"), choice, 4096, 256, None).time_s
-    t_cf = estimate(m, get_gpu("h100"), choice, 4096, 256, DROPLESS_TIME_LOAD_FACTOR).time_s
-    assert t_dropless == t_cf
 
 
 def test_published_ordering_ep8_tp1_beats_ep4_tp2_for_mixtral_8x7b():

@@ -11,9 +11,9 @@ from megatron_fold.plan.models import get_model
 from megatron_fold.plan.search import candidate_choices, candidate_layouts, is_coupled, plan
 
 
-def _brute_force(model, world, gpn, seq):
-    """Every 5-tuple of sizes 1..world that FoldedLayout accepts, filtered by the model's rules written
-    out independently of search.model_violations."""
+def _brute_force(model, world, gpn, seq, order="tp-cp-ep-dp-pp"):
+    """Every 5-tuple of sizes 1..world that FoldedLayout accepts in `order`, filtered by the model's
+    rules written out independently of search.model_violations."""
     found = set()
     # Every tuple whose grids are no larger than the world (FoldedLayout refuses the others anyway).
     tuples = ((tp, cp, pp, ep, etp) for tp in range(1, world + 1) for cp in range(1, world // tp + 1)
@@ -21,7 +21,8 @@ def _brute_force(model, world, gpn, seq):
               for etp in range(1, world // (ep * pp) + 1))
     for tp, cp, pp, ep, etp in tuples:
         try:
-            FoldedLayout(world, tp=tp, cp=cp, pp=pp, ep=ep, etp=etp, gpus_per_node=gpn, num_experts=model.num_experts)
+            FoldedLayout(world, tp=tp, cp=cp, pp=pp, ep=ep, etp=etp, gpus_per_node=gpn, num_experts=model.num_experts,
+                         order=order)
         except LayoutError:
             continue
         heads_ok = model.num_heads % tp == 0 and model.num_query_groups % tp == 0
@@ -36,10 +37,19 @@ def _brute_force(model, world, gpn, seq):
                                                  ("qwen3-30b-a3b", 12, 4, 4096), ("mixtral-8x22b", 16, 4, 96)])
 def test_search_visits_exactly_the_brute_force_layouts(model, world, gpn, seq):
     m = get_model(model)
-    visited = [(l.tp, l.cp, l.pp, l.ep, l.etp) for l in candidate_layouts(m, world, gpn, seq)]
+    layouts = candidate_layouts(m, world, gpn, seq)
+    visited = [(l.tp, l.cp, l.pp, l.ep, l.etp, l.order) for l in layouts]
     assert len(visited) == len(set(visited))  # each once
     expected = _brute_force(m, world, gpn, seq)
-    assert set(visited) == expected
+    assert {v[:5] for v in visited if v[5] == "tp-cp-ep-dp-pp"} == expected
+    # --use-tp-pp-dp-mapping: every layout that order accepts whose groups differ from the default's
+    # (with PP 1 or DP 1 the two orders build the same groups and are searched once).
+    mapped = {t for t in _brute_force(m, world, gpn, seq, "tp-cp-ep-pp-dp") if t[2] > 1 and world > t[0] * t[1] * t[2]}
+    assert {v[:5] for v in visited if v[5] == "tp-cp-ep-pp-dp"} == mapped
+    for l in layouts:
+        if l.order == "tp-cp-ep-pp-dp":
+            assert l.groups("pp") != FoldedLayout(world, tp=l.tp, cp=l.cp, pp=l.pp, ep=l.ep, etp=l.etp,
+                                                  gpus_per_node=gpn).groups("pp")
     if gpn == 4:  # TP or ETP groups larger than a node are valid, slow, and searched all the same
         assert any(tp > gpn or etp > gpn for tp, _, _, _, etp in expected)
 
