@@ -7,6 +7,7 @@ G global batch, M = G/(DP*b) micro-batches per step; TP t, CP c, PP p, VPP v, EP
 Tokens of one micro-batch on one GPU on the attention side (sequence parallelism is on whenever
 t > 1): n = b*s/(t*c). Rows reaching one GPU's experts: r = n*k*u*lf (the EP all-to-all spreads the
 n*k routed copies evenly, the ETP all-gather multiplies them by u), lf the load factor below.
+Nothing here is fitted to end-to-end throughput (docs/planner.md, "Validation").
 
 Memory per GPU (bytes), for the fuller of the first and the last pipeline stage (L/p layers each):
 - parameters (stage_params; equal to Megatron-Core's GPTModel rank by rank, tests/plan): dense
@@ -30,33 +31,25 @@ Memory per GPU (bytes), for the fuller of the first and the last pipeline stage 
 - lf for memory: the capacity factor when dropping, DROPLESS_MEMORY_LOAD_FACTOR = 1.2 when dropless
   (headroom for an expert receiving 20% more than its share).
 
-Time per micro-batch and pipeline stage (training = forward + backward = 3x the forward FLOPs, 4x
-with full recomputation; each collective of the forward has a twin of equal size in the backward):
-- GEMM FLOPs per GPU: attention 2*n*h*(a+2g)d + 2*n*h*a*d, experts r*6*h*F/u, shared expert
-  6*n*h*Fs, router 2*n*h*E, logits 2*n*h*V (last stage), each at an achieved efficiency
-  eff(m) = GEMM_PEAK_EFFICIENCY * m/(m + 128) of the dense BF16 peak, m the GEMM's smallest
-  dimension: expert GEMMs get rows per local expert r/(E/e), so more EP makes them taller and more
-  ETP narrows them (F/u). Core attention 2*b*s^2*a*d/(t*c) (causal: half of the square) at
-  0.55 * B/(B + 512) of peak, B the block length (s, or s/(2c) for ring attention's chunks).
-- Elementwise work is bound by HBM bandwidth: 2*(r*(4h + 3F/u) + 10*n*h + 3*n*Fs) bytes per layer
-  (permute + unpermute of every expert row, SwiGLU, norms, residuals, rotary).
-- TP (sequence parallel): all-gather + reduce-scatter per attention block and per shared expert,
-  (t-1)*n*h*2 bytes each. CP: ring exchange of K and V, (c-1)*(b*s/c)*2*g*d/t*2 bytes, hidden behind
-  core attention (only the excess counts). EP: dispatch + combine all-to-all, n*k*lf*(e-1)/e*h*2
-  bytes each, split by where the peers are: max(on-node bytes / NVLink, off-node bytes / network).
-  ETP: all-gather + reduce-scatter of the expert rows, (u-1)*n*k*lf*h*2 bytes each. PP: one
-  [n, h] bf16 send per micro-batch, direction and virtual stage.
-- Bandwidth: NVLink when FoldedLayout places every group of that kind inside one node, else the
-  per-GPU network bandwidth (GPUSpec). Overlap: TP, EP, ETP and PP transfers are exposed (Megatron-Core
-  0.19 without --tp-comm-overlap or --overlap-moe-expert-parallel-comm); CP hides behind attention.
+Time per micro-batch and pipeline stage: the terms of terms.py (each with its formula and source)
+over a Profile (profile.py: measured GEMM ceiling, attention by block length, HBM, NVLink and network
+bandwidth, collective latency). Forward once and backward (about twice) per layer; full
+recomputation adds one forward. GEMMs: attention QKV and projection and the shared expert on the TP
+group's gathered n*t tokens with TP-split weights, the router on n tokens, the experts as one grouped
+GEMM over E/e local experts of r/(E/e) rows and width F/u, the logits on the last stage. Each
+collective of the forward has a twin of equal size in the backward. Bandwidth: NVLink when
+FoldedLayout places every group of that kind inside one node (the NVLink domain), else the network;
+the EP all-to-all splits its bytes by where rank 0's EP peers sit. TP, EP, ETP and PP transfers are
+exposed (Megatron-Core 0.19 without --tp-comm-overlap or --overlap-moe-expert-parallel-comm); CP
+exposes only what exceeds each ring step's attention.
 - Step: (M + (p-1)/v) * t_stage (the 1F1B bubble is (p-1)/v stage times, Narayanan et al. 2021,
   "Efficient Large-Scale Language Model Training on GPU Clusters", arXiv 2104.04473), t_stage the
   last stage (the slowest: it adds the logits), plus the distributed optimizer's gradient
   reduce-scatter (fp32) and parameter all-gather (bf16), (N-1)/N * 6 bytes per parameter over
   DP x CP for dense and EDP for expert parameters, of which only what exceeds the last
   micro-batch's backward is exposed (--overlap-grad-reduce, --overlap-param-gather).
-- lf for time: the capacity factor when dropping; DROPLESS_TIME_LOAD_FACTOR when dropless (the
-  slowest EP rank's extra load with a trained, aux-loss-balanced router, see the constant).
+- lf for time: expert_load_factor: the padded capacity when dropping (capacity.py's bound for the
+  drop scope), the binomial straggler load when dropless (terms.dropless_straggler_load).
 - MFU = model FLOPs (3x forward, no recomputation, no load factor) / (step * GPUs * peak).
 """
 
