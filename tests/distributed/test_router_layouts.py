@@ -8,7 +8,9 @@ References: "replica" cases run one single-rank forward per DP replica's micro-b
 seq_aux_loss and z-loss normalise per micro-batch); "pooled" cases run one single-rank forward on all
 replicas' micro-batches side by side in the batch dimension, which is what global_aux_loss and the
 expert-bias update (both reduced over TP x DP x CP upstream) see. Sequence-scope drops are decided per
-sequence, so they are the same either way.
+sequence, so they are the same either way. Each rank's input rows, and the positions compared with the
+single-rank rows, are cut by Megatron's own CP split and torch.chunk over TP (moe_reference.shard_like_megatron),
+never by megatron_fold.moe.token_order, which the router itself uses to put gathered tokens in order.
 """
 
 import pytest
