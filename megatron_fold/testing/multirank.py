@@ -10,7 +10,7 @@ Failure contract: an exception in any rank fails the test with that rank's numbe
 other ranks are killed, since they are typically blocked in a collective with it); a rank that does
 not finish within `timeout` seconds fails the test naming the unfinished ranks; no process survives,
 not even when the pytest process itself is killed (each rank asks the kernel for SIGKILL on its
-parent's death).
+parent's death), nor a process a rank started (each rank leads a process group the parent kills).
 """
 
 from __future__ import annotations
@@ -51,6 +51,9 @@ def _die_with_parent() -> None:
 
 
 def _rank_main(fn, rank, world_size, store_path, conn, stack_file, stack_after, parent_pid, args, kwargs):
+    # Its own process group, so the parent can also kill what the rank starts (e.g. a multiprocessing
+    # manager process a library spawns), which os._exit below would otherwise leave running.
+    os.setpgid(0, 0)
     _die_with_parent()
     if os.getppid() != parent_pid:  # the parent died before prctl took effect
         os._exit(1)
@@ -82,9 +85,13 @@ def _rank_main(fn, rank, world_size, store_path, conn, stack_file, stack_after, 
 
 
 def _kill(procs):
+    """Kill every rank and every process a rank started (each rank leads its own process group)."""
     for p in procs:
-        if p.is_alive():
-            os.kill(p.pid, signal.SIGKILL)
+        for kill in (lambda: os.killpg(p.pid, signal.SIGKILL), lambda: os.kill(p.pid, signal.SIGKILL)):
+            try:
+                kill()
+            except (ProcessLookupError, PermissionError):
+                pass
     for p in procs:
         p.join(timeout=10)
 
