@@ -50,7 +50,7 @@ def _die_with_parent() -> None:
         pass
 
 
-def _rank_main(fn, rank, world_size, store_path, conn, stack_file, stack_after, parent_pid, args, kwargs):
+def _rank_main(fn, rank, world_size, store_path, conn, stack_file, stack_after, parent_pid, backend, args, kwargs):
     # Its own process group, so the parent can also kill what the rank starts (e.g. a multiprocessing
     # manager process a library spawns), which os._exit below would otherwise leave running.
     os.setpgid(0, 0)
@@ -60,12 +60,19 @@ def _rank_main(fn, rank, world_size, store_path, conn, stack_file, stack_after, 
     status, payload = "ok", None
     # A hung rank writes its Python stack here shortly before the parent gives up on it.
     stack_fh = open(stack_file, "w")
-    faulthandler.dump_traceback_later(stack_after, file=stack_fh)
+    if stack_after is not None:
+        faulthandler.dump_traceback_later(stack_after, file=stack_fh)
     try:
         os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-        torch.set_num_threads(1)  # N ranks share 2 cores; oversubscription makes gloo crawl
+        os.environ.setdefault("RANK", str(rank))
+        os.environ.setdefault("LOCAL_RANK", str(rank))
+        os.environ.setdefault("WORLD_SIZE", str(world_size))
+        if backend == "nccl":
+            torch.cuda.set_device(rank)  # one GPU per rank on this machine
+        else:
+            torch.set_num_threads(1)  # N CPU ranks share the cores; oversubscription makes gloo crawl
         store = dist.FileStore(store_path, world_size)
-        dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size)
         payload = fn(rank, world_size, *args, **kwargs)
         # A rank that exits while a peer is still finishing the connection handshake of the last
         # group it created makes that peer fail with "connection closed by peer": leave together.
@@ -96,32 +103,34 @@ def _kill(procs):
         p.join(timeout=10)
 
 
-def run_on_ranks(fn, world_size: int, *args, timeout: float = 120.0, **kwargs) -> list:
-    """Call `fn(rank, world_size, *args, **kwargs)` on `world_size` forked gloo ranks.
+def run_on_ranks(fn, world_size: int, *args, timeout: float | None = 120.0, backend: str = "gloo", **kwargs) -> list:
+    """Call `fn(rank, world_size, *args, **kwargs)` on `world_size` forked ranks.
 
     Returns the per-rank return values, indexed by rank. `fn` must be a module-level function or a
-    closure; results must be picklable (CPU tensors are).
+    closure; results must be picklable (CPU tensors are). `timeout=None` waits as long as the ranks
+    run (a training job); a failing rank still stops every rank. `backend="nccl"` gives rank r the
+    GPU r (the parent must not have initialised CUDA before forking).
     """
     ctx = mp.get_context("fork")
     # Rendezvous through a file in a fresh directory: no port to collide with the previous test, and
     # no store server thread in the parent (forking a process that runs threads can deadlock).
     stacks = tempfile.TemporaryDirectory(prefix="mfold-run-")
     store_path = os.path.join(stacks.name, "store")
-    stack_after = max(timeout - 1.0, timeout * 0.8)
+    stack_after = max(timeout - 1.0, timeout * 0.8) if timeout is not None else None
     try:
         procs, conns = [], {}
         for rank in range(world_size):
             parent_conn, child_conn = ctx.Pipe(duplex=False)
             p = ctx.Process(target=_rank_main, args=(fn, rank, world_size, store_path, child_conn,
                                                      os.path.join(stacks.name, str(rank)), stack_after, os.getpid(),
-                                                     args, kwargs))
+                                                     backend, args, kwargs))
             p.start()
             child_conn.close()
             procs.append(p)
             conns[parent_conn] = rank
         results: dict[int, object] = {}
         errors: dict[int, str] = {}
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + timeout if timeout is not None else float("inf")
         try:
             grace_set = False
             while conns:
@@ -132,7 +141,7 @@ def run_on_ranks(fn, world_size: int, *args, timeout: float = 120.0, **kwargs) -
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
-                for conn in wait(list(conns), timeout=left):
+                for conn in wait(list(conns), timeout=None if left == float("inf") else left):
                     rank = conns.pop(conn)
                     try:
                         status, payload = pickle.loads(conn.recv_bytes())
