@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 
-__all__ = ["save", "load", "CheckpointMismatch", "MODEL_SHAPE_FIELDS"]
+__all__ = ["save", "load", "check_model_shape", "CheckpointMismatch", "MODEL_SHAPE_FIELDS"]
 
 # TransformerConfig fields that fix the shapes of parameters (independent of the parallel layout).
 MODEL_SHAPE_FIELDS = (
@@ -161,9 +161,9 @@ def save(directory: str, model: list, optimizer, pg_collection, *, config, vocab
     dist.barrier()
 
 
-def load(directory: str, model: list, optimizer, pg_collection, *, config, vocab_size: int) -> dict:
-    """Read a checkpoint written by `save` under any layout into `model` (and `optimizer`); returns its
-    `extra` dict. Raises CheckpointMismatch, before reading any tensor, when the model shape differs."""
+def check_model_shape(directory: str, config, vocab_size: int) -> dict:
+    """Raise CheckpointMismatch unless `directory` is a checkpoint of a model of this shape; returns its
+    common state. Reads no tensor (a cheap check before any rank starts)."""
     if not os.path.isdir(directory):
         raise CheckpointMismatch(f"no checkpoint at {directory}")
     common = dist_checkpointing.load_common_state_dict(directory)
@@ -175,6 +175,13 @@ def load(directory: str, model: list, optimizer, pg_collection, *, config, vocab
     if differing:
         detail = ", ".join(f"{k}: checkpoint {a!r}, model {b!r}" for k, (a, b) in differing.items())
         raise CheckpointMismatch(f"checkpoint {directory} holds another model ({detail})")
+    return common
+
+
+def load(directory: str, model: list, optimizer, pg_collection, *, config, vocab_size: int) -> dict:
+    """Read a checkpoint written by `save` under any layout into `model` (and `optimizer`); returns its
+    `extra` dict. Raises CheckpointMismatch, before reading any tensor, when the model shape differs."""
+    common = check_model_shape(directory, config, vocab_size)
     if optimizer is not None:
         _materialize_distributed_optimizer_state(optimizer)
     state = _sharded_state_dict(model, optimizer, pg_collection, is_loading=True)

@@ -161,6 +161,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("calibrate", help="measure this machine's GEMMs, attention and links into a profile for plan --profile")
     calibrate.add_arguments(p)
     p.set_defaults(func=calibrate.run)
+
+    from megatron_fold.train import command as train_command
+
+    p = sub.add_parser("train", help="train a MoE model under a folded layout (ranks on this machine, or under torchrun)")
+    train_command.add_arguments(p)
+    p.set_defaults(func=train_command.run)
     return parser
 
 

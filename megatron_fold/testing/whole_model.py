@@ -7,26 +7,18 @@ shard out of those weights using the parameter's OWN metadata, as Megatron-Core 
 `tensor_model_parallel` and `partition_dim` (Column/RowParallelLinear, VocabParallelEmbedding), the
 expert-TP group for routed experts and the TP group otherwise, and with gated linear units each half
 of fc1 sharded separately ([gate slice; linear slice] per rank, as MLP.forward chunks it).
-`global_batches` cuts one global batch into this rank's micro-batches: by DP rank, then by Megatron's
-own `get_batch_on_this_cp_rank` for context parallelism.
-
-`Trainer` runs Megatron's own training step (DDP, finalize_model_grads, get_megatron_optimizer, the
-pipeline schedules) and returns each step's loss over the whole global batch and its gradient norm,
-the numbers a single-rank run must reproduce.
+`global_tokens` makes a deterministic global batch; `train` runs the training step of `megatron-fold
+train` (megatron_fold.train.loop: Megatron's DDP, optimizer and schedules) on it and returns each
+step's loss over the whole global batch and its gradient norm, the numbers a single-rank run must
+reproduce.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-
 import torch
-import torch.distributed as dist
-from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
-from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.moe.moe_layer import MoELayer
-from megatron.core.utils import get_batch_on_this_cp_rank
+
+from megatron_fold.train.loop import StepResult, Trainer, micro_batches
 
 __all__ = ["full_weights", "load_full_weights", "global_tokens", "micro_batches", "StepResult", "Trainer", "train"]
 
@@ -116,104 +108,7 @@ def global_tokens(num_sequences: int, seq_length: int, vocab_size: int, seed: in
     return torch.randint(0, vocab_size, (num_sequences, seq_length + 1), generator=g)
 
 
-def micro_batches(tokens: torch.Tensor, micro_batch_size: int, pg_collection) -> list[dict]:
-    """This rank's micro-batches of the global batch: DP rank d takes the d-th contiguous share of the
-    sequences, in micro-batches of `micro_batch_size`; each is cut for context parallelism by
-    Megatron's own get_batch_on_this_cp_rank (sequence parallelism happens inside the model)."""
-    dp, d = pg_collection.dp.size(), pg_collection.dp.rank()
-    if tokens.shape[0] % (dp * micro_batch_size):
-        raise ValueError(f"{tokens.shape[0]} sequences do not split into DP {dp} x micro-batches of "
-                         f"{micro_batch_size}")
-    share = tokens.shape[0] // dp
-    mine = tokens[d * share:(d + 1) * share]
-    seq = tokens.shape[1] - 1
-    out = []
-    for start in range(0, share, micro_batch_size):
-        rows = mine[start:start + micro_batch_size]
-        batch = dict(tokens=rows[:, :-1].contiguous(), labels=rows[:, 1:].contiguous(),
-                     loss_mask=torch.ones(rows.shape[0], seq),
-                     position_ids=torch.arange(seq).expand(rows.shape[0], seq).contiguous(), cu_seqlens=None)
-        if pg_collection.cp.size() > 1:
-            batch = get_batch_on_this_cp_rank(batch, False, cp_group=pg_collection.cp)
-        out.append(batch)
-    return out
-
-
 # ---- training -----------------------------------------------------------------------------------
-
-@dataclasses.dataclass
-class StepResult:
-    """One optimizer step over the whole global batch, as every rank sees it."""
-
-    loss: float        # mean token loss over the global batch (before the step's update)
-    grad_norm: float   # total gradient norm Megatron's optimizer computed (before clipping)
-
-
-def _forward_step(data_iterator, model):
-    batch = next(data_iterator)
-    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])  # [b, s] token losses
-
-    def loss_func(output_tensor):
-        mask = batch["loss_mask"]
-        total = (output_tensor.float() * mask).sum()
-        tokens = mask.sum().to(torch.int)
-        return total, tokens, {"lm loss": torch.stack([total.detach(), tokens.detach().float()])}
-
-    return output, loss_func
-
-
-class Trainer:
-    """Megatron's own training step on this rank's model chunks: DistributedDataParallel,
-    get_megatron_optimizer (plain or distributed), finalize_model_grads and the pipeline schedules.
-
-    Losses are per token (`calculate_per_token_loss`): each rank's loss is a token sum, and
-    finalize_model_grads divides every gradient by the global token count, so any split of the global
-    batch over DP, CP and micro-batches yields the same gradients as one rank taking all of it.
-    """
-
-    def __init__(self, chunks: list[torch.nn.Module], config, pg_collection, *, distributed_optimizer: bool = False,
-                 lr: float = 1e-3, clip_grad: float = 1.0, micro_batch_size: int = 1):
-        if not config.calculate_per_token_loss:
-            raise ValueError("Trainer needs config.calculate_per_token_loss=True (layout-independent loss scaling)")
-        self.config, self.pg_collection, self.micro_batch_size = config, pg_collection, micro_batch_size
-        self.distributed_optimizer = distributed_optimizer
-        ddp_config = DistributedDataParallelConfig(use_distributed_optimizer=distributed_optimizer)
-        self.model = [DistributedDataParallel(config, ddp_config, chunk, pg_collection=pg_collection)
-                      for chunk in chunks]
-        self.optimizer = get_megatron_optimizer(
-            OptimizerConfig(optimizer="adam", lr=lr, clip_grad=clip_grad,
-                            use_distributed_optimizer=distributed_optimizer, params_dtype=config.params_dtype),
-            self.model, pg_collection=pg_collection, use_gloo_process_groups=False)
-        config.finalize_model_grads_func = functools.partial(finalize_model_grads, pg_collection=pg_collection)
-        if len(self.model) > 1:
-            config.no_sync_func = [m.no_sync for m in self.model]
-        vpp = len(self.model)
-        self._forward_backward = get_forward_backward_func(pp_size=pg_collection.pp.size(),
-                                                           vp_size=vpp if vpp > 1 else None)
-
-    def step(self, tokens: torch.Tensor) -> StepResult:
-        """One optimizer step on the global batch `tokens` [sequences, seq_length + 1]."""
-        pgs, model = self.pg_collection, self.model
-        batches = micro_batches(tokens, self.micro_batch_size, pgs)
-        for m in model:
-            m.zero_grad_buffer()
-        self.optimizer.zero_grad()
-        iterators = [iter(batches) for _ in model]
-        losses = self._forward_backward(
-            forward_step_func=_forward_step, data_iterator=iterators if len(model) > 1 else iterators[0],
-            model=model, num_microbatches=len(batches),
-            seq_length=tokens.shape[1] - 1,  # the schedules divide it by CP (and by TP under SP) themselves
-            micro_batch_size=self.micro_batch_size, forward_only=False)
-        _, grad_norm, _ = self.optimizer.step()
-        total = torch.zeros(2)  # [token loss sum, tokens]
-        if pgs.pp.rank() == pgs.pp.size() - 1:
-            for entry in losses:
-                total += entry["lm loss"]
-        # Sums of the last stage over DP x CP, then from the last stage to every stage (others add 0).
-        dist.all_reduce(total, group=pgs.dp_cp)
-        dist.all_reduce(total, group=pgs.pp)
-        return StepResult(loss=(total[0] / total[1]).item(), grad_norm=float(grad_norm))
-
 
 def train(chunks: list[torch.nn.Module], config, pg_collection, tokens: torch.Tensor, *, steps: int,
           **trainer_options) -> list[StepResult]:
