@@ -1,4 +1,6 @@
 # Two commands: `make demo` runs the main job, `make test` runs the whole suite.
+# The demo trains a small Mixtral-like MoE on 8 CPU ranks (or GPUs) under two folded layouts, from the
+# same initial weights on the same batches of the Python standard library's source, and compares.
 # Both create .venv on first use with a Python >= 3.12 found on the machine, and reuse it afterwards.
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -17,7 +19,8 @@ $(STAMP): setup.cfg pyproject.toml
 	@touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/megatron-fold explain --world 128 --gpus-per-node 8 --tp 2 --pp 8 --ep 8 --etp 1 --num-experts 8
+	$(VENV)/bin/megatron-fold train --model mixtral-like --ranks 8 --compare-layouts tp2,ep4,etp1 cp2,pp2,ep4 \
+		--capacity-factor 1.0 --drop-scope sequence --steps 200 --eval-interval 50 --out demo-output
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

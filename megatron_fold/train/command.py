@@ -58,6 +58,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lr", type=float, default=3e-3)
     g.add_argument("--min-lr", type=float, default=3e-4)
     g.add_argument("--warmup-steps", type=int, default=10)
+    g.add_argument("--lr-decay-steps", type=int, default=None,
+                   help="cosine decay horizon (default: --steps; give the whole run's length when resuming)")
     g.add_argument("--clip-grad", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=1234)
     g.add_argument("--eval-interval", type=int, default=25)
@@ -133,7 +135,7 @@ def spec_from_args(args, layout_text: str, out_dir: str):
         vocab_size=data_mod.padded_vocab_size(tokenizer.vocab_size, layout.get("tp", 1)),
         seq_length=args.seq_length, global_batch=args.global_batch, steps=args.steps,
         schedule=Schedule(lr=args.lr, min_lr=args.min_lr, warmup_steps=args.warmup_steps,
-                          decay_steps=args.steps, clip_grad=args.clip_grad),
+                          decay_steps=args.lr_decay_steps or args.steps, clip_grad=args.clip_grad),
         out_dir=out_dir, data_prefix=args.data_path, tokenizer=args.tokenizer,
         cache_dir=os.path.join(args.data_cache, "index"), seed=args.seed, eval_interval=args.eval_interval,
         eval_batches=args.eval_batches, log_interval=args.log_interval, save=args.save, load=args.load,
@@ -189,7 +191,8 @@ def check_spec(spec, world_size: int) -> FoldedLayout:
     if spec.steps < 1:
         problems.append(f"--steps {spec.steps} must be at least 1")
     if problems:
-        raise LayoutError(f"layout {layout} cannot train this model: " + "; ".join(problems))
+        raise LayoutError([f"{p} (layout {layout.tp=} {layout.cp=} {layout.pp=} {layout.ep=} {layout.etp=}, "
+                           f"vpp={vpp}, dp={layout.dp})".replace("layout.", "") for p in problems])
     return layout
 
 
@@ -286,9 +289,15 @@ def run(args) -> int:
         specs[0].save_initial = init
         for spec in specs[1:]:
             spec.init_checkpoint = init
+    from megatron_fold.testing.multirank import MultiRankFailure
+
     summaries = {}
     for name, spec in zip(layouts, specs):
-        summaries[name] = _launch(spec, world)
+        try:
+            summaries[name] = _launch(spec, world)
+        except MultiRankFailure as e:  # every rank was stopped; say which failed first, and why
+            print(f"megatron-fold: training under {name} failed: {e}", file=sys.stderr)
+            return 1
     if not is_rank0:
         return 0
     return _report(args, layouts, specs, summaries)

@@ -18,7 +18,7 @@ from megatron_fold import FoldedLayout, checkpointing, models, parallel_state
 from megatron_fold.train import silence_library_noise
 from megatron_fold.train import data as data_mod
 from megatron_fold.train.loop import Schedule, Trainer
-from megatron_fold.train.metrics import MetricsWriter, moe_metrics
+from megatron_fold.train.metrics import MetricsWriter, MoEMetrics
 
 __all__ = ["JobSpec", "run_job"]
 
@@ -147,16 +147,20 @@ def _train(rank, layout, pgs, spec: JobSpec, tensor_parallel) -> dict | None:
 
         bar = tqdm(total=spec.steps, desc=spec.title or "train", unit="step", dynamic_ncols=True)
     records = []
+    moe_metrics = MoEMetrics(chunks)
     eval_round = 0
     tokens_per_step = spec.global_batch * spec.seq_length
     try:
         for step in range(start, start + spec.steps):
             tokens, mask = batch(datasets.train, step)
+            last = step == start + spec.steps - 1
+            logging_step = (step - start) % spec.log_interval == 0 or last
+            if logging_step:
+                moe_metrics.arm()
             t0 = time.perf_counter()
             result = trainer.step(tokens, mask)
             elapsed = time.perf_counter() - t0
-            last = step == start + spec.steps - 1
-            moe = moe_metrics(chunks, pgs) if (step - start) % spec.log_interval == 0 or last else None
+            moe = moe_metrics.collect(pgs) if logging_step else None
             valid = None
             if (spec.eval_interval and (step + 1) % spec.eval_interval == 0) or last:
                 valid = validate(eval_round)

@@ -4,58 +4,82 @@ One JSON object per line:
   step, loss, grad_norm, lr, tokens_per_s, step_time_s, valid_loss (when validation ran at that step),
   moe: {layer (1-based global layer number): {tokens_per_expert, dropped_fraction, max_over_mean_load,
         bytes_sent: {collective: bytes}}}
-MoE figures describe the last micro-batch of the step: tokens per expert summed over the data-parallel
-replicas (each replica's tokens counted once), bytes summed over every rank of the layer's stage.
+MoE figures cover every micro-batch of the step (the whole global batch): tokens per expert after
+dropping, summed over data-parallel replicas; bytes each collective kind sent, summed over every rank
+of the layer's pipeline stage (forward, and the backward of all but the last micro-batch).
 """
 
 from __future__ import annotations
 
 import json
 
+import torch
 import torch.distributed as dist
 
 from megatron_fold.moe.layer import FoldMoELayer
 
-__all__ = ["RECORD_KEYS", "moe_metrics", "MetricsWriter"]
+__all__ = ["RECORD_KEYS", "MoEMetrics", "MetricsWriter", "read_metrics"]
 
 RECORD_KEYS = ("step", "loss", "grad_norm", "lr", "tokens_per_s", "step_time_s", "moe")
 
 
-def moe_metrics(chunks, pg_collection) -> dict[int, dict] | None:
-    """Every FoldMoELayer's metrics of the latest step, merged on global rank 0 (None elsewhere).
+class MoEMetrics:
+    """Token counts and bytes of every FoldMoELayer over ALL micro-batches of an armed step.
 
-    Collective over the world: each layer's metrics() first all-reduces its counts over TP x CP, then
-    every rank's layers go to rank 0 (one all_gather_object, at logging steps only).
+    A forward hook reads each layer's metrics after every micro-batch while armed (its first read
+    all-reduces 2 x E counts over the layer's TP x CP group, whose ranks run the same micro-batches),
+    so a step's figures cover the whole global batch whatever the micro-batching, and agree between
+    layouts with sequence-scope dropping. `collect` merges them on global rank 0.
     """
-    mine = []
-    first_of_replica = pg_collection.tp_cp.rank() == 0  # one report per data-parallel replica
-    for chunk in chunks:
-        for module in chunk.modules():
-            if isinstance(module, FoldMoELayer):
-                m = module.metrics()
-                mine.append((module.layer_number, first_of_replica, m.tokens_per_expert,
-                             m.dropped_fraction, m.bytes_sent))
-    everyone = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, mine)
-    if dist.get_rank() != 0:
-        return None
-    merged: dict[int, dict] = {}
-    for reports in everyone:
-        for layer, counts_tokens, tokens, dropped, sent in reports:
-            entry = merged.setdefault(layer, {"tokens_per_expert": [0] * len(tokens), "_dropped": [],
-                                              "bytes_sent": {}})
-            if counts_tokens:
-                entry["tokens_per_expert"] = [a + b for a, b in zip(entry["tokens_per_expert"], tokens)]
-                entry["_dropped"].append(dropped)
-            for kind, n in sent.items():
-                entry["bytes_sent"][kind] = entry["bytes_sent"].get(kind, 0) + n
-    for entry in merged.values():
-        drops = entry.pop("_dropped")
-        entry["dropped_fraction"] = sum(drops) / len(drops) if drops else 0.0
-        tokens = entry["tokens_per_expert"]
-        mean = sum(tokens) / len(tokens)
-        entry["max_over_mean_load"] = max(tokens) / mean if mean else 0.0
-    return {str(layer): merged[layer] for layer in sorted(merged)}  # JSON object keys are strings
+
+    def __init__(self, chunks):
+        self.layers = [m for chunk in chunks for m in chunk.modules() if isinstance(m, FoldMoELayer)]
+        self._armed = False
+        self._acc: dict[int, dict] = {}
+        for layer in self.layers:
+            layer.register_forward_hook(self._after_forward)
+
+    def arm(self) -> None:
+        self._armed, self._acc = True, {}
+
+    def _after_forward(self, module, inputs, output) -> None:
+        if not self._armed or not torch.is_grad_enabled():  # training forwards only, not validation
+            return
+        before, after = module.router.token_counts()
+        sent = module.metrics().bytes_sent
+        acc = self._acc.setdefault(module.layer_number, {"before": 0.0, "after": None, "bytes_sent": {}})
+        acc["before"] += float(before.sum())
+        acc["after"] = after.clone() if acc["after"] is None else acc["after"] + after
+        for kind, n in sent.items():
+            acc["bytes_sent"][kind] = acc["bytes_sent"].get(kind, 0) + n
+
+    def collect(self, pg_collection) -> dict[str, dict] | None:
+        """Collective over the world: the armed step's figures per layer on rank 0 (None elsewhere)."""
+        self._armed = False
+        first_of_replica = pg_collection.tp_cp.rank() == 0  # one token report per data-parallel replica
+        mine = [(layer, first_of_replica, acc["before"], [int(t) for t in acc["after"].tolist()], acc["bytes_sent"])
+                for layer, acc in self._acc.items()]
+        everyone = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, mine)
+        if dist.get_rank() != 0:
+            return None
+        merged: dict[int, dict] = {}
+        for reports in everyone:
+            for layer, counts_tokens, routed, tokens, sent in reports:
+                entry = merged.setdefault(layer, {"tokens_per_expert": [0] * len(tokens), "_routed": 0.0,
+                                                  "bytes_sent": {}})
+                if counts_tokens:
+                    entry["tokens_per_expert"] = [a + b for a, b in zip(entry["tokens_per_expert"], tokens)]
+                    entry["_routed"] += routed
+                for kind, n in sent.items():
+                    entry["bytes_sent"][kind] = entry["bytes_sent"].get(kind, 0) + n
+        for entry in merged.values():
+            routed = entry.pop("_routed")
+            tokens = entry["tokens_per_expert"]
+            entry["dropped_fraction"] = 1.0 - sum(tokens) / routed if routed else 0.0
+            mean = sum(tokens) / len(tokens)
+            entry["max_over_mean_load"] = max(tokens) / mean if mean else 0.0
+        return {str(layer): merged[layer] for layer in sorted(merged)}  # JSON object keys are strings
 
 
 class MetricsWriter:
