@@ -20,6 +20,12 @@ on one rank fails the whole group; Megatron all-gathers all E counts), and one d
 reads them with this rank's own counts. Drop-and-pad needs neither: every (rank, expert) block has the static size
 `capacity.padded_tokens_per_expert`, so it runs without any host synchronisation.
 
+With moe_permute_fusion and a CUDA device with Transformer Engine, the local permutation and its
+inverse are TE's fused kernels (fused.py, the GPU boundary); the rows and their order are the same,
+and the collectives stay ours. With moe_shared_expert_overlap, the layer hands its shared expert to
+`set_shared_experts` and the dispatcher calls Megatron's overlapped stages around its all-to-alls, as
+Megatron's alltoall dispatcher does (side stream on CUDA, in line elsewhere).
+
 Summation is deterministic everywhere (no atomic accumulation into a kept value): a token's expert outputs are placed in a
 [tokens, topk] grid and summed in expert order, and the input gradient of the permutation is summed
 the same way. Nothing here touches CUDA: buffers come from the input's device.
@@ -31,8 +37,10 @@ import torch
 import torch.distributed as dist
 from megatron.core.transformer.moe.token_dispatcher import MoETokenDispatcher
 
+from megatron_fold.moe import fused
 from megatron_fold.moe.capacity import DropScope, padded_tokens_per_expert
 from megatron_fold.moe.comm import CommCounter, all_gather_v, all_to_all_v, exchange_rows, reduce_scatter_v
+from megatron_fold.moe.flags import validate_fold_moe_config
 
 __all__ = ["FlexFoldDispatcher"]
 
@@ -108,14 +116,12 @@ class FlexFoldDispatcher(MoETokenDispatcher):
                 f"EP rank {self.ep_rank} of {self.ep_size} holds experts {expected[0]}..{expected[-1]} "
                 f"({L} of {self.num_experts}); got num_local_experts={num_local_experts}, "
                 f"local_expert_indices={self.local_expert_indices}")
-        if getattr(config, "moe_router_padding_for_quantization", False):
-            raise ValueError("moe_router_padding_for_quantization is not supported by FlexFoldDispatcher "
-                             "(it pads the routing map for FP8/FP4 grouped GEMMs); set it to False")
+        validate_fold_moe_config(config, drop_scope)
         self.drop_scope = DropScope.parse(drop_scope)
         self.pad = bool(config.moe_pad_expert_input_to_capacity)
-        if self.pad and config.moe_expert_capacity_factor is None:
-            raise ValueError("moe_pad_expert_input_to_capacity needs moe_expert_capacity_factor (the capacity to "
-                             "pad to); set a capacity factor or turn padding off")
+        # Width of the rows the dispatcher moves: the hidden size, or the latent size where MoELayer
+        # projects into a latent space before dispatching (moe_latent_size).
+        self.hidden_size = config.moe_latent_size or config.hidden_size
         self.attn_tp_size = dist.get_world_size(pg_collection.tp)
         self.cp_size = dist.get_world_size(pg_collection.cp)
         self._check_tp_ep_order(pg_collection)
@@ -140,9 +146,13 @@ class FlexFoldDispatcher(MoETokenDispatcher):
     # ---- dispatch -----------------------------------------------------------------------------------
     def dispatch_preprocess(self, hidden_states: torch.Tensor, routing_map: torch.Tensor, probs: torch.Tensor):
         """Local permutation: one row per routed (token, expert) pair, ordered by expert (hence by
-        destination EP rank), tokens in order inside an expert. Returns ([M, H], [M])."""
+        destination EP rank), tokens in order inside an expert. Returns ([M, H], [M]).
+
+        hidden_states [S_local, B, H], or [N, H] (tokens without a sequence axis, dispatched as
+        [N, 1, H]; refused for sequence-scope drop-and-pad, whose static block size needs S and B)."""
         E, K = self.num_experts, self.topk
-        self.hidden_shape = hidden_states.shape  # [S_local, B, H]
+        self._check_input(hidden_states)
+        self.hidden_shape = hidden_states.shape  # [S_local, B, H] or [N, H]
         hidden = hidden_states.reshape(-1, hidden_states.shape[-1])  # [N, H]
         N = hidden.shape[0]
         if routing_map.shape != (N, E) or routing_map.dtype != torch.bool:
@@ -151,6 +161,17 @@ class FlexFoldDispatcher(MoETokenDispatcher):
         if probs.shape != (N, E):
             raise ValueError(f"probs must be [tokens, experts] = [{N}, {E}], got {list(probs.shape)}")
         self._num_tokens = N
+        if self.shared_experts is not None:
+            # moe_shared_expert_overlap: the shared expert's input gather starts on its side stream
+            # (Megatron's SharedExpertMLP stages; synchronous where there is no CUDA stream).
+            self.shared_experts.pre_forward_comm(hidden_states)
+        self._fused = fused.permute_fusion(self.config, hidden, self.pad)
+        if self._fused:
+            # TE's fused permutation, in the portable path's order (expert-major, tokens ascending).
+            num_out = self._exchange_and_set_splits(routing_map)
+            self._routing_map = routing_map
+            permuted, permuted_probs, self._row_id_map = fused.fused_permute(hidden, probs, routing_map, num_out)
+            return permuted, permuted_probs
         pair = self._padded_pairs(routing_map) if self.pad else self._dropless_pairs(routing_map)  # [M]
         # Where each row lands in the combine's [N, K] grid: its token, and its rank among the token's
         # experts (ascending expert id). Pair N*E is padding (grid index N*K).
@@ -162,8 +183,28 @@ class FlexFoldDispatcher(MoETokenDispatcher):
         permuted = _TokenRows.apply(True, hidden, self._dest, N, K, self.pad)  # [M, H]
         return permuted, permuted_probs
 
+    def _check_input(self, hidden_states: torch.Tensor) -> None:
+        shape = tuple(hidden_states.shape)
+        if hidden_states.dim() not in (2, 3) or shape[-1] != self.hidden_size:
+            raise ValueError(f"FlexFoldDispatcher expects hidden states [seq_local, batch, hidden={self.hidden_size}] "
+                             f"or [tokens, hidden={self.hidden_size}], got shape {shape}")
+        if hidden_states.dim() == 2 and self.pad and self.drop_scope is DropScope.SEQUENCE:
+            raise ValueError(
+                f"FlexFoldDispatcher got hidden states [tokens, hidden] = {list(shape)} without a sequence axis, "
+                "but drop_scope='sequence' with moe_pad_expert_input_to_capacity=True sizes each padded expert "
+                "block from the local sequence length and batch: pass [seq_local, batch, hidden]")
+
     def _dropless_pairs(self, routing_map: torch.Tensor) -> torch.Tensor:
         """Flat (token*E + expert) index of every routed pair, expert-major; sets the split sizes."""
+        N = routing_map.shape[0]
+        num_out = self._exchange_and_set_splits(routing_map)
+        expert_major = routing_map.t().reshape(-1)  # [E*N]
+        index = torch.nonzero_static(expert_major, size=num_out).squeeze(1)  # no second synchronisation
+        expert, token = torch.div(index, N, rounding_mode="floor"), index % N
+        return token * self.num_experts + expert
+
+    def _exchange_and_set_splits(self, routing_map: torch.Tensor) -> int:
+        """Exchange the per-expert counts over ETP x EP, set the split sizes; returns the rows this rank sends."""
         E, P, L, T = self.num_experts, self.ep_size, self.num_local_experts, self.tp_size
         N = routing_map.shape[0]
         counts = routing_map.sum(dim=0)  # [E] int64
@@ -177,10 +218,7 @@ class FlexFoldDispatcher(MoETokenDispatcher):
             raise ValueError(f"a token is routed to {widest} experts but moe_router_topk is {self.topk} "
                              f"({per_token} on this rank, {widest} on the ranks of its ETP x EP group)")
         self._set_splits(own, [[received[(t * P + s) * L:(t * P + s + 1) * L] for s in range(P)] for t in range(T)])
-        expert_major = routing_map.t().reshape(-1)  # [E*N]
-        index = torch.nonzero_static(expert_major, size=sum(own)).squeeze(1)  # no second synchronisation
-        expert, token = torch.div(index, N, rounding_mode="floor"), index % N
-        return token * E + expert
+        return sum(own)
 
     def _exchange_counts(self, counts: torch.Tensor, per_token: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One all-to-all over ETP x EP: rank (t, p) receives, from every (t', s), the L counts of
@@ -223,7 +261,8 @@ class FlexFoldDispatcher(MoETokenDispatcher):
         return pair[:-1]
 
     def _capacity(self) -> int:
-        S, B = self.hidden_shape[0], self.hidden_shape[1]
+        # [N, H] input is one sequence of N local tokens (subsequence scope; sequence scope refuses it).
+        S, B = (self.hidden_shape[0], self.hidden_shape[1]) if len(self.hidden_shape) == 3 else (self.hidden_shape[0], 1)
         seq_len = S * self.cp_size * (self.attn_tp_size if self.config.sequence_parallel else 1)
         return padded_tokens_per_expert(self.drop_scope, local_seq_len=S, seq_len=seq_len, local_batch=B,
                                         topk=self.topk, num_experts=self.num_experts,
@@ -239,7 +278,13 @@ class FlexFoldDispatcher(MoETokenDispatcher):
         self._etp_sizes = [sum(sum(blocks[t][s]) for s in range(P)) for t in range(T)]  # ETP all-gather
 
     def token_dispatch(self, hidden: torch.Tensor, probs: torch.Tensor):
+        if self.shared_experts is not None:
+            # As Megatron's alltoall dispatcher: the side stream catches up with the permutation, then
+            # the shared expert's fc1 is launched right after the all-to-all and overlaps it.
+            self.shared_experts.wait_current_stream()
         hidden, probs = all_to_all_v([hidden, probs], self._send, self._recv, self.ep_group, self.comm_counter)
+        if self.shared_experts is not None:
+            self.shared_experts.linear_fc1_forward_and_act(hidden)
         return tuple(all_gather_v([hidden, probs], self._etp_sizes, self.tp_group, self.comm_counter))
 
     def dispatch_postprocess(self, hidden: torch.Tensor, probs: torch.Tensor):
@@ -281,9 +326,23 @@ class FlexFoldDispatcher(MoETokenDispatcher):
 
     def token_combine(self, hidden: torch.Tensor):
         hidden = reduce_scatter_v(hidden, self._etp_sizes, self.tp_group, self.comm_counter)
-        return all_to_all_v(hidden, self._recv, self._send, self.ep_group, self.comm_counter)
+        if self.shared_experts is not None:
+            # The shared expert's fc2 overlaps the combine all-to-all, not the routed experts' GEMMs.
+            self.shared_experts.wait_current_stream()
+        hidden = all_to_all_v(hidden, self._recv, self._send, self.ep_group, self.comm_counter)
+        if self.shared_experts is not None:
+            self.shared_experts.linear_fc2_forward(hidden)
+            self.shared_experts.post_forward_comm()
+        return hidden
 
     def combine_postprocess(self, hidden: torch.Tensor):
-        """Sum each token's expert outputs (the experts already weighted them by their probabilities)."""
-        out = _TokenRows.apply(False, hidden, self._dest, self._num_tokens, self.topk, self.pad)  # [N, H]
-        return out.view(*self.hidden_shape[:-1], hidden.shape[-1])
+        """Sum each token's expert outputs (the experts already weighted them by their probabilities),
+        then add the overlapped shared expert's output (moe_shared_expert_overlap)."""
+        if self._fused:
+            out = fused.fused_unpermute(hidden, self._row_id_map, self._routing_map, self._num_tokens)  # [N, H]
+        else:
+            out = _TokenRows.apply(False, hidden, self._dest, self._num_tokens, self.topk, self.pad)  # [N, H]
+        out = out.view(*self.hidden_shape[:-1], hidden.shape[-1])
+        if self.shared_experts is not None:
+            out = out + self.shared_experts.get_output()  # waits for the side stream (Megatron's stage)
+        return out

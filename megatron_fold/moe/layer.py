@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -18,11 +19,16 @@ import torch.distributed as dist
 from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_fold.moe import fused
 from megatron_fold.moe.capacity import DropScope
 from megatron_fold.moe.dispatcher import FlexFoldDispatcher
+from megatron_fold.moe.flags import validate_fold_moe_config
 from megatron_fold.moe.router import FoldRouter
 
 __all__ = ["FoldMoELayer", "MoELayerMetrics"]
+
+_log = logging.getLogger(__name__)
+_logged_notes: set[str] = set()
 
 
 @dataclass(frozen=True)
@@ -52,6 +58,10 @@ class MoELayerMetrics:
 
 class FoldMoELayer(MoELayer):
     """MoE layer whose experts live on the ETP x EP x EDP grid, independent of attention's TP x CP x DP.
+
+    Which Megatron MoE options run, and how, is decided by flags.validate_fold_moe_config (see
+    docs/moe_flags.md); accepted options whose mechanism differs from Megatron's are logged once.
+    Input [S_local, B, H], or [N, H] where the routing needs no sequence axis (see FoldRouter.forward).
 
     Plugin-only options (spec parameters, not TransformerConfig fields):
       drop_scope: "subsequence" (Megatron's per-rank capacity) or "sequence" (layout-invariant).
@@ -84,12 +94,10 @@ class FoldMoELayer(MoELayer):
         _check_groups(config, pg_collection)
         if submodules is None:
             raise ValueError("FoldMoELayer needs MoESubmodules (build it with specs.get_fold_moe_module_spec)")
-        if config.moe_shared_expert_overlap:
-            raise ValueError(
-                "moe_shared_expert_overlap=True runs the shared expert on a separate CUDA stream inside "
-                "Megatron's dispatchers; FlexFoldDispatcher computes shared experts in line. Set "
-                "moe_shared_expert_overlap=False."
-            )
+        for note in validate_fold_moe_config(config, drop_scope):
+            if note not in _logged_notes:
+                _logged_notes.add(note)
+                _log.info(note)
         self.drop_scope = DropScope.parse(drop_scope)
         router_cls = submodules.router if submodules.router is not None else FoldRouter
         if not (isinstance(router_cls, type) and issubclass(router_cls, FoldRouter)):
@@ -101,12 +109,19 @@ class FoldMoELayer(MoELayer):
         # MoELayer.__init__ constructs the dispatcher named in the config; the alltoall one allocates a
         # CUDA stream. Build with the CUDA-free allgather one, then restore the user's config object
         # everywhere and replace the dispatcher with ours.
+        # moe_shared_expert_overlap: Megatron's SharedExpertMLP runs its overlapped stages on a side
+        # stream, which FlexFoldDispatcher drives around its all-to-alls. Where no stream can exist
+        # (no CUDA, CPU mode off) the shared expert is built plainly and runs in line: same numbers.
+        overlap = bool(config.moe_shared_expert_overlap and config.moe_shared_expert_intermediate_size is not None
+                       and fused.side_streams_available())
         build_config = copy.copy(config)
         build_config.moe_token_dispatcher_type = "allgather"
+        build_config.moe_shared_expert_overlap = overlap
         super().__init__(build_config, submodules, layer_number, pg_collection, is_mtp_layer, name)
         for module in self.modules():
             if getattr(module, "config", None) is build_config:
                 module.config = config
+        self.shared_expert_overlap = overlap  # what MoELayer.forward reads (the config may say True)
         self.token_dispatcher = FlexFoldDispatcher(
             self.num_local_experts,
             self.local_expert_indices,
@@ -114,6 +129,8 @@ class FoldMoELayer(MoELayer):
             pg_collection=pg_collection,
             drop_scope=self.drop_scope,
         )
+        if overlap:
+            self.token_dispatcher.set_shared_experts(self.shared_experts)
 
     def forward(self, hidden_states: torch.Tensor, intermediate_tensors=None, padding_mask=None):
         # Counters describe the latest iteration: this forward and the backward that follows it.

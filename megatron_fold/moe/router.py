@@ -1,11 +1,14 @@
 """FoldRouter: Megatron's TopKRouter without CUDA-only calls, with layout-invariant token dropping.
 
 Why a subclass: upstream's score functions, group-limited routing, expert bias, the three aux losses,
-z-loss, input jitter and router dtype are device-agnostic and stay upstream's code. What is not:
-`TopKRouter.__init__` allocates its buffers on the current CUDA device, `gating` moves the weight
-there (and uses Transformer Engine's GEMM when installed), `_apply_expert_bias` is torch.compile'd,
-and the fused routing kernels and the benchmark-only random logits need CUDA. Those few pieces are
-replaced here; buffers live on the weight's device, which follows the input's device.
+z-loss, input jitter, router dtype, quantile balancing and the benchmark-only random logits
+(moe_router_force_load_balancing / moe_router_force_biased, drawn from Megatron's RNG tracker) are
+device-agnostic and stay upstream's code. What is not: `TopKRouter.__init__` allocates its buffers on
+the current CUDA device, `gating` moves the weight there (and uses Transformer Engine's GEMM when
+installed), and `_apply_expert_bias` is torch.compile'd. Those few pieces are replaced here; buffers
+live on the weight's device, which follows the input's device. moe_router_fusion reaches TE's fused
+kernels through fused.py (the GPU boundary) when the logits are on a CUDA device.
+Which configurations run at all is decided by flags.validate_fold_moe_config.
 
 Token dropping (`moe_expert_capacity_factor`) has two scopes (see capacity.py):
 - subsequence: Megatron's semantics, capacity = ceil(local_tokens * topk / E * cf) from this rank's
@@ -61,14 +64,15 @@ from megatron.core.transformer.moe.moe_utils import (
 )
 from megatron.core.transformer.moe.router import TopKRouter
 
+from megatron_fold.moe import fused
 from megatron_fold.moe.capacity import DropScope, expert_capacity
 from megatron_fold.moe.comm import CommCounter
+from megatron_fold.moe.flags import load_balancing_types, validate_fold_moe_config
 from megatron_fold.moe.token_order import local_token_positions
 
 __all__ = ["FoldRouter", "NonFiniteRouterScores"]
 
 _ROUTER_DTYPES = {"fp32": torch.float32, "fp64": torch.float64}
-_DROP_POLICIES = ("probs", "position")
 # Drop key of a (token, expert) pair the token is not routed to: below every probability, so routed
 # pairs always win a slot first.
 _UNROUTED = -1.0
@@ -81,16 +85,17 @@ class NonFiniteRouterScores(FloatingPointError):
 class FoldRouter(TopKRouter):
     """TopKRouter for folded layouts: device-agnostic, with `subsequence` or `sequence` drop scope.
 
-    Input hidden states [S_local, B, H]; outputs probs [S_local*B, E] and routing_map [S_local*B, E]
-    (bool, after dropping, never padded), row = s*B + b as upstream's .view(-1, E).
+    Input hidden states [S_local, B, H] (or [N, H], routed as [N, 1, H]); outputs probs [S_local*B, E]
+    and routing_map [S_local*B, E] (bool, after dropping, never padded), row = s*B + b as upstream's
+    .view(-1, E).
     """
 
     def __init__(self, config, pg_collection=None, is_mtp_layer: bool = False, *,
                  drop_scope: DropScope | str = DropScope.SUBSEQUENCE, check_finite: bool = True,
                  record_token_counts: bool = True):
-        _check_supported(config, pg_collection)
+        _check_supported(config, pg_collection, drop_scope)
         self.drop_scope = DropScope.parse(drop_scope)
-        # Build with expert bias and aux losses off (so upstream allocates no buffer on a CUDA
+        # Build with expert bias, aux losses and quantile balancing off (so upstream allocates no buffer on a CUDA
         # device), then restore the real config and register those buffers on the weight's device.
         build_config = copy.copy(config)
         build_config.moe_router_enable_expert_bias = False
@@ -108,6 +113,14 @@ class FoldRouter(TopKRouter):
             self._register_buffer_over_attribute("global_tokens_per_expert", zeros(), persistent=False)
             self._register_buffer_over_attribute(
                 "ga_steps", torch.zeros((), dtype=torch.float32, device=device), persistent=False)
+        if self.routing_type == "quantile_balancing":
+            # Upstream's buffers: the bias (checkpointed), this global batch's quantile sum and count
+            # (finalize_model_grads averages them over DP x CP and updates qb_beta).
+            self._register_buffer_over_attribute("qb_beta", zeros(), persistent=True)
+            self._register_buffer_over_attribute("qb_beta_accum", zeros(), persistent=False)
+            self._register_buffer_over_attribute(
+                "qb_beta_count", torch.zeros((), dtype=torch.long, device=device), persistent=False)
+        self._unfused: tuple | None = None  # (config, its copy with moe_router_fusion off)
 
         self.check_finite = check_finite
         self.record_token_counts = record_token_counts
@@ -132,11 +145,23 @@ class FoldRouter(TopKRouter):
 
     # ---- forward pieces upstream runs on CUDA only --------------------------------------------------
     def forward(self, input: torch.Tensor, padding_mask: torch.Tensor | None = None):
-        """[S_local, B, H] -> probs, routing_map, both [S_local*B, E]."""
-        if input.dim() != 3 or input.shape[-1] != self.config.hidden_size:
+        """[S_local, B, H] -> probs, routing_map, both [S_local*B, E].
+
+        Also [N, H] (tokens without a sequence axis, as Megatron's router accepts), routed exactly as
+        [N, 1, H]: one sequence of N tokens. Refused where a decision needs the sequence axis:
+        sequence-scope dropping (capacity per whole sequence) and seq_aux_loss (loss per sequence).
+        """
+        H = self.config.hidden_size
+        if input.dim() == 2 and input.shape[-1] == H:
+            self._check_flat_input_allowed(tuple(input.shape))
+            if padding_mask is not None and tuple(padding_mask.shape) != (input.shape[0],):
+                raise ValueError(f"MoE layer {self.layer_number}: padding_mask has shape {tuple(padding_mask.shape)}, "
+                                 f"expected [tokens] = [{input.shape[0]}] for input [tokens, hidden]")
+            return self.forward(input.unsqueeze(1), None if padding_mask is None else padding_mask.unsqueeze(1))
+        if input.dim() != 3 or input.shape[-1] != H:
             raise ValueError(
                 f"MoE layer {self.layer_number}: FoldRouter expects hidden states [seq_local, batch, "
-                f"hidden={self.config.hidden_size}], got shape {tuple(input.shape)}")
+                f"hidden={H}] or [tokens, hidden={H}], got shape {tuple(input.shape)}")
         if padding_mask is not None and tuple(padding_mask.shape) != tuple(input.shape[:2]):
             raise ValueError(f"MoE layer {self.layer_number}: padding_mask has shape {tuple(padding_mask.shape)}, "
                              f"expected [seq_local, batch] = {tuple(input.shape[:2])}")
@@ -144,7 +169,24 @@ class FoldRouter(TopKRouter):
             # Upstream moves a CPU weight to the current CUDA device on first use; the device-agnostic
             # equivalent follows the input (parameters keep their identity; buffers move along).
             self.to(input.device)
+        # Upstream's forward: jitter, gate, the benchmark options moe_router_force_load_balancing /
+        # moe_router_force_biased (random logits from Megatron's RNG tracker; in CPU mode its CPU
+        # counterpart, megatron_fold.portable.rng), then our routing().
         return super().forward(input, padding_mask)
+
+    def _check_flat_input_allowed(self, shape: tuple[int, ...]) -> None:
+        """[tokens, hidden] carries no sequence axis: refuse it where routing needs one."""
+        needs = []
+        if self.drop_scope is DropScope.SEQUENCE and self.config.moe_expert_capacity_factor is not None:
+            needs.append(f"drop_scope='sequence' with moe_expert_capacity_factor={self.config.moe_expert_capacity_factor} "
+                         "decides drops per whole sequence")
+        if "seq_aux_loss" in load_balancing_types(self.config):
+            needs.append("moe_router_load_balancing_type 'seq_aux_loss' computes its loss per sequence")
+        if needs:
+            raise ValueError(
+                f"MoE layer {self.layer_number}: FoldRouter got hidden states [tokens, hidden] = {list(shape)}, "
+                f"without a sequence axis, but {' and '.join(needs)}: pass [seq_local, batch, hidden] "
+                "(or use drop_scope='subsequence')")
 
     def gating(self, input: torch.Tensor) -> torch.Tensor:
         """Upstream's gate (logits in moe_router_dtype) with torch matmuls on the input's device."""
@@ -175,10 +217,32 @@ class FoldRouter(TopKRouter):
             padding_mask = padding_mask.reshape(-1)  # [S*B]
         if self.check_finite:
             self._check_finite(logits)
+        # moe_router_fusion: TE's kernels where they can run (see fused.py), upstream's torch ops otherwise;
+        # upstream's aux-loss helpers read the flag from self.config, so it holds the decision meanwhile.
+        use_fused = fused.router_fusion(self.config, logits)
+        config = self.config
+        self.config = config if use_fused or not config.moe_router_fusion else self._config_without_fusion()
+        try:
+            return self._route(logits, padding_mask, seq_length, bsz, use_fused)
+        finally:
+            self.config = config
+
+    def _config_without_fusion(self):
+        """self.config with moe_router_fusion off, for a forward that cannot fuse (CPU tensors, no TE)."""
+        if self._unfused is None or self._unfused[0] is not self.config:
+            unfused = copy.copy(self.config)
+            unfused.moe_router_fusion = False
+            self._unfused = (self.config, unfused)
+        return self._unfused[1]
+
+    def _route(self, logits: torch.Tensor, padding_mask: torch.Tensor | None, seq_length: int, bsz: int,
+               use_fused: bool):
         logits = self.apply_z_loss(logits, padding_mask=padding_mask)
 
         if self.routing_type == "sinkhorn":
             probs, routing_map = self.sinkhorn_load_balancing(logits)
+        elif self.routing_type == "quantile_balancing":
+            probs, routing_map = self._quantile_balancing(logits, padding_mask)
         else:
             probs, routing_map = topk_routing_with_score_function(
                 logits, self.topk,
@@ -188,7 +252,7 @@ class FoldRouter(TopKRouter):
                 scaling_factor=self.config.moe_router_topk_scaling_factor,
                 score_function=self.score_function,
                 expert_bias=self.expert_bias,
-                fused=False,
+                fused=use_fused,
                 router_replay=self.router_replay,
             )
         routed = routing_map
@@ -199,7 +263,7 @@ class FoldRouter(TopKRouter):
 
         if self.training and torch.is_grad_enabled() and self.is_aux_loss_enabled():
             map_for_aux, scores_for_aux = compute_routing_scores_for_aux_loss(
-                logits, self.topk, self.score_function, fused=False, padding_mask=padding_mask)
+                logits, self.topk, self.score_function, fused=use_fused, padding_mask=padding_mask)
             with_mask = padding_mask is not None
             probs = self._apply_aux_loss(probs, scores_for_aux, map_for_aux, with_padding_mask=with_mask)
             probs = self._apply_seq_aux_loss(probs, scores_for_aux, map_for_aux, seq_length, bsz,
@@ -207,6 +271,29 @@ class FoldRouter(TopKRouter):
             probs = self._apply_global_aux_loss(probs, scores_for_aux, map_for_aux, with_padding_mask=with_mask)
         self._apply_expert_bias(routing_map, padding_mask=padding_mask)
         return probs, routing_map
+
+    def _quantile_balancing(self, logits: torch.Tensor, padding_mask: torch.Tensor | None):
+        """Upstream's quantile balancing (logits gathered over attention TP x CP, experts picked from
+        logits - qb_beta, this micro-batch's quantile accumulated for finalize_model_grads), with its
+        preconditions as errors that name the option. logits [N, E] -> probs, routing_map [N, E].
+
+        Layout-invariant: each token's experts depend only on its own logits and qb_beta, and the
+        quantile is a column statistic over the gathered tokens, i.e. over the token group's whole
+        micro-batch under every TP x CP split (given the same logits, as for every routing decision)."""
+        if padding_mask is not None:
+            raise ValueError(f"MoE layer {self.layer_number}: moe_router_load_balancing_type='quantile_balancing' "
+                             "does not support a padding_mask (Megatron's quantile counts every token); pass none")
+        group = self.tp_cp_group
+        tokens = logits.shape[0] * group.size()
+        if self.training and torch.is_grad_enabled() and (tokens * self.topk) % self.num_experts:
+            raise ValueError(
+                f"MoE layer {self.layer_number}: moe_router_load_balancing_type='quantile_balancing' needs the "
+                f"routed pairs of the gathered micro-batch ({tokens} tokens x moe_router_topk={self.topk}) to be "
+                f"divisible by num_moe_experts={self.num_experts}; change the micro-batch or sequence length")
+        if group.size() > 1:
+            self.comm_counter.record("all_gather_quantile_logits",
+                                     logits.shape[0] * self.num_experts * 4 * (group.size() - 1))
+        return self.quantile_balancing(logits)
 
     # ---- checks and metrics -----------------------------------------------------------------------
     def _check_finite(self, logits: torch.Tensor) -> None:
@@ -389,7 +476,7 @@ class _RouterGate(torch.autograd.Function):
         return grad_input, grad_weight, grad_bias, None
 
 
-def _check_supported(config, pg_collection) -> None:
+def _check_supported(config, pg_collection, drop_scope) -> None:
     """Reject what FoldRouter cannot run, before any group or buffer is touched."""
     if pg_collection is None:
         raise ValueError("FoldRouter needs the folded ProcessGroupCollection (from megatron_fold.parallel_state."
@@ -398,21 +485,4 @@ def _check_supported(config, pg_collection) -> None:
     if missing:
         raise ValueError(f"FoldRouter's ProcessGroupCollection lacks {missing}; build it with "
                          "megatron_fold.parallel_state.initialize_model_parallel(layout)")
-    if config.moe_router_fusion:
-        raise ValueError("moe_router_fusion=True needs Transformer Engine's CUDA kernels; FoldRouter runs the "
-                         "unfused, device-agnostic path with the same numbers: set moe_router_fusion=False")
-    types = config.moe_router_load_balancing_type
-    if "quantile_balancing" in (types if isinstance(types, list) else [types]):
-        raise ValueError("moe_router_load_balancing_type='quantile_balancing' is not supported by FoldRouter; use "
-                         "aux_loss / seq_aux_loss / global_aux_loss or moe_router_enable_expert_bias")
-    for flag in ("moe_router_force_load_balancing", "moe_router_force_biased"):
-        if getattr(config, flag, None) not in (None, False):
-            raise ValueError(f"{flag} draws random logits through Megatron's CUDA RNG tracker; FoldRouter does not "
-                             f"support this benchmark-only option (got {getattr(config, flag)!r}); unset it")
-    cf = config.moe_expert_capacity_factor
-    if cf is not None:
-        if cf <= 0:
-            raise ValueError(f"moe_expert_capacity_factor must be positive (or None for dropless), got {cf!r}")
-        if config.moe_token_drop_policy not in _DROP_POLICIES:
-            raise ValueError(f"unknown moe_token_drop_policy {config.moe_token_drop_policy!r}; choose one of "
-                             f"{', '.join(_DROP_POLICIES)}")
+    validate_fold_moe_config(config, drop_scope)

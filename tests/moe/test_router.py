@@ -357,11 +357,11 @@ def test_non_finite_logits_name_the_layer(pgs, cuda):
 
 BAD = {
     "no-groups": (dict(), dict(pg_collection=None), "needs the folded ProcessGroupCollection"),
-    "fusion": (dict(moe_router_fusion=True), {}, "moe_router_fusion=True needs Transformer Engine"),
-    "quantile": (dict(moe_router_load_balancing_type="quantile_balancing"), {},
-                 "'quantile_balancing' is not supported"),
-    "force-balance": (dict(moe_router_force_load_balancing=True), {},
-                      "moe_router_force_load_balancing draws random"),
+    # Accepted since issue 13 (fusion, quantile balancing, force-balancing: tests/moe/test_flags.py);
+    # what Megatron itself refuses in combination is refused up front, naming the flags.
+    "quantile-with-aux-loss": (dict(moe_router_load_balancing_type="quantile_balancing", moe_aux_loss_coeff=0.1), {},
+                               "moe_router_load_balancing_type='quantile_balancing' with moe_aux_loss_coeff=0.1"),
+    "flex-dispatcher": (dict(moe_token_dispatcher_type="flex"), {}, "moe_token_dispatcher_type='flex'"),
     "scope": (dict(), dict(drop_scope="document"),
               "unknown drop scope 'document'; choose one of: subsequence, sequence"),
 }
@@ -380,5 +380,7 @@ def test_bad_construction_is_explained(pgs, cuda, case):
 def test_bad_input_shape_is_explained(pgs, cuda):
     router = _load(FoldRouter(_config(), pg_collection=pgs), _weights(_config()))
     with pytest.raises(ValueError, match=r"MoE layer 1: FoldRouter expects hidden states \[seq_local, batch, "
-                                         r"hidden=16\], got shape \(36, 16\)"):
-        router(torch.zeros(S * B, H))
+                                         r"hidden=16\] or \[tokens, hidden=16\], got shape \(36, 1, 1, 16\)"):
+        router(torch.zeros(S * B, 1, 1, H))
+    with pytest.raises(ValueError, match=r"got shape \(36, 15\)"):
+        router(torch.zeros(S * B, H - 1))
