@@ -147,6 +147,7 @@ def _train(rank, layout, pgs, spec: JobSpec, tensor_parallel) -> dict | None:
 
         bar = tqdm(total=spec.steps, desc=spec.title or "train", unit="step", dynamic_ncols=True)
     records = []
+    dropped_shown = "-"
     moe_metrics = MoEMetrics(chunks)
     eval_round = 0
     tokens_per_step = spec.global_batch * spec.seq_length
@@ -175,9 +176,10 @@ def _train(rank, layout, pgs, spec: JobSpec, tensor_parallel) -> dict | None:
                 writer.write(record)
                 records.append(record)
                 if bar is not None:
-                    dropped = [m["dropped_fraction"] for m in (moe or {}).values()]
+                    if moe:  # the latest logging step's mean drop fraction over layers
+                        dropped_shown = f"{100 * sum(m['dropped_fraction'] for m in moe.values()) / len(moe):.1f}%"
                     bar.set_postfix(loss=f"{result.loss:.3f}", tok_s=f"{tokens_per_step / elapsed:.0f}",
-                                    dropped=f"{100 * sum(dropped) / len(dropped):.1f}%" if dropped else "-")
+                                    dropped=dropped_shown)
                     bar.update(1)
     finally:
         if bar is not None:

@@ -1,0 +1,95 @@
+#!/usr/bin/env python
+"""Benchmark: whole-model training step, FoldMoELayer vs Megatron-Core's alltoall MoELayer.
+
+The same stock GPTModel (Megatron's block spec, same layout, same initial weights, same global batch)
+built twice on every rank: once with the plugin installed, once with Megatron's own MoELayer and its
+alltoall dispatcher (CPU mode). Steps of the two are timed in alternation (A B A B ...) in one run,
+so machine noise hits both; the script prints the median step-time ratio ours / Megatron's per layout
+and model, and the loss of both (they train the same model: dropless, so the numbers must agree).
+
+    .venv/bin/python scripts/bench_whole_model.py [--steps 10] [--layouts tp2,ep4,etp1 ep8]
+
+Timings on 8 ranks sharing 2 cores are dominated by scheduling noise; read ratios, not milliseconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+import warnings
+
+warnings.filterwarnings("ignore")
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from megatron.core import tensor_parallel  # noqa: E402
+
+from megatron_fold import FoldedLayout, cpu, models, parallel_state  # noqa: E402
+from megatron_fold.plan.command import parse_layout  # noqa: E402
+from megatron_fold.testing import whole_model as wm  # noqa: E402
+from megatron_fold.testing.multirank import run_on_ranks  # noqa: E402
+
+WORLD = 8
+SEQUENCES = 16
+
+
+def _rank(rank, world_size, layout_kwargs, family, steps):
+    layout = FoldedLayout(world_size, **layout_kwargs)
+    pgs = parallel_state.initialize_model_parallel(layout)
+    try:
+        tensor_parallel.model_parallel_cuda_manual_seed(7)
+        shape = models.MODEL_FAMILIES[family]
+        tokens = wm.global_tokens(SEQUENCES, shape.seq_length, shape.vocab_size, seed=3)
+        trainers, weights = {}, None
+        for name, fold in (("ours", True), ("megatron", False)):
+            torch.manual_seed(1)
+            config = models.model_config(family, layout, calculate_per_token_loss=True,
+                                         moe_token_dispatcher_type="alltoall")
+            chunks = models.build_model(config, pgs, vocab_size=shape.vocab_size, seq_length=shape.seq_length,
+                                        fold=fold)
+            if weights is None:
+                weights = {k: v for k, v in chunks[0].state_dict().items() if torch.is_tensor(v)}
+            else:  # the same initial weights: identical module trees, identical local shapes
+                chunks[0].load_state_dict(weights, strict=False)
+            trainers[name] = wm.Trainer(chunks, config, pgs, distributed_optimizer=pgs.dp_cp.size() > 1)
+        times = {name: [] for name in trainers}
+        losses = {name: [] for name in trainers}
+        for step in range(steps + 2):  # two warm-up steps each
+            for name, trainer in trainers.items():
+                dist.barrier()
+                t0 = time.perf_counter()
+                result = trainer.step(tokens)
+                elapsed = time.perf_counter() - t0
+                losses[name].append(result.loss)
+                if step >= 2:
+                    times[name].append(elapsed)
+        return times, losses
+    finally:
+        parallel_state.destroy_model_parallel()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--layouts", nargs="+", default=["tp2,ep4,etp1", "ep8", "cp2,pp2,ep4"])
+    parser.add_argument("--families", nargs="+", default=["mixtral-like", "qwen2-moe-like"])
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        cpu.enable_cpu_mode()
+    print(f"{'layout':<16} {'model':<16} {'ours/megatron':>13} {'ours ms':>9} {'megatron ms':>11}  loss ours / megatron")
+    for text in args.layouts:
+        layout_kwargs = {k: v for k, v in parse_layout(text).items() if k in ("tp", "cp", "pp", "ep", "etp")}
+        for family in args.families:
+            per_rank = run_on_ranks(_rank, WORLD, layout_kwargs, family, args.steps, timeout=900)
+            # A step ends when its slowest rank ends: take the max over ranks of each step.
+            ours = [max(r[0]["ours"][i] for r in per_rank) for i in range(args.steps)]
+            theirs = [max(r[0]["megatron"][i] for r in per_rank) for i in range(args.steps)]
+            ratio = statistics.median(a / b for a, b in zip(ours, theirs))
+            lo, lm = per_rank[0][1]["ours"][-1], per_rank[0][1]["megatron"][-1]
+            print(f"{text:<16} {family:<16} {ratio:>13.2f} {1e3 * statistics.median(ours):>9.0f} "
+                  f"{1e3 * statistics.median(theirs):>11.0f}  {lo:.5f} / {lm:.5f}")
+
+
+if __name__ == "__main__":
+    main()
