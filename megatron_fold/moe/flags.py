@@ -97,6 +97,12 @@ def validate_fold_moe_config(config, drop_scope: DropScope | str = DropScope.SUB
                 "exchange, sequence-scope token order), which a CUDA graph cannot replay; capture only "
                 "'attn' / 'mlp' modules, or set cuda_graph_impl='none'")
 
+    if get("moe_shared_expert_overlap", False) and get("moe_latent_size") and get("moe_shared_expert_intermediate_size"):
+        errors.append(
+            f"moe_shared_expert_overlap=True with moe_latent_size={get('moe_latent_size')}: Megatron overlaps a "
+            "latent MoE's shared expert only in its NVLS inference dispatcher and refuses it in training; "
+            "set moe_shared_expert_overlap=False")
+
     # ---- routing -----------------------------------------------------------------------------------------
     types = load_balancing_types(config)
     known = {"aux_loss", "seq_aux_loss", "global_aux_loss", "sinkhorn", "quantile_balancing", "none"}

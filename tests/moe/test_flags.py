@@ -54,6 +54,8 @@ REFUSED = {
     "inference": (dict(transformer_impl="inference_optimized"), "transformer_impl='inference_optimized'"),
     "cuda-graph": (dict(cuda_graph_impl="local", cuda_graph_modules=["moe_router"]), "cuda_graph_impl='local'"),
     "paged-stash": (dict(moe_paged_stash=True), "moe_paged_stash=True"),
+    "latent-overlap": (dict(moe_shared_expert_intermediate_size=16, moe_shared_expert_overlap=True, moe_latent_size=8),
+                       "moe_shared_expert_overlap=True with moe_latent_size=8"),
     "quantile-aux": (dict(moe_router_load_balancing_type="quantile_balancing", moe_aux_loss_coeff=0.01),
                      "moe_aux_loss_coeff=0.01"),
     "quantile-groups": (dict(moe_router_load_balancing_type="quantile_balancing", moe_router_num_groups=2,
