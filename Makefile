@@ -20,7 +20,8 @@ $(STAMP): setup.cfg pyproject.toml
 
 demo: $(STAMP)
 	$(VENV)/bin/megatron-fold train --model mixtral-like --ranks 8 --compare-layouts tp2,ep4,etp1 cp2,pp2,ep4 \
-		--capacity-factor 1.0 --drop-scope sequence --steps 200 --eval-interval 50 --out demo-output
+		--capacity-factor 1.0 --drop-policy position --drop-scope sequence --steps 200 --eval-interval 50 \
+		--out demo-output
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
