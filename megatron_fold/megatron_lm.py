@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import argparse
 import functools
+import re
+import sys
 
 import torch
 import torch.distributed as dist
@@ -28,8 +30,9 @@ from megatron_fold import parallel_state, portable, specs
 from megatron_fold.layout import DEFAULT_ORDER, TP_PP_DP_ORDER, FoldedLayout, LayoutError
 from megatron_fold.moe.capacity import DropScope
 
-__all__ = ["SPEC", "add_arguments", "install_arguments", "uninstall_arguments", "validate_fold_args",
-           "FoldArgumentError", "layout_from_args", "fold_layer_spec"]
+__all__ = ["SPEC", "add_arguments", "install_arguments", "uninstall_arguments", "validate_fold_args", "check_moe_flags",
+           "FoldArgumentError", "layout_from_args", "fold_layer_spec", "with_fold_spec",
+           "add_fold_spec_to_sys_argv"]
 
 SPEC = ["megatron_fold.megatron_lm", "fold_layer_spec"]
 _DEFAULTS = {"moe_fold_drop_scope": DropScope.SUBSEQUENCE.value, "moe_fold_check_finite": True,
@@ -64,6 +67,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
+def with_fold_spec(argv: list[str]) -> list[str]:
+    """`--moe-fold` brings its --spec, unless the user gave a --spec (then validation says whether it fits)."""
+    if "--moe-fold" in argv and "--spec" not in argv and not any(a.startswith("--spec=") for a in argv):
+        return [*argv, "--spec", *SPEC]
+    return list(argv)
+
+
+def add_fold_spec_to_sys_argv() -> None:
+    """with_fold_spec on this process's command line (the patched pretrain_gpt.py calls it)."""
+    sys.argv[1:] = with_fold_spec(sys.argv[1:])
+
+
 _ORIGINAL: dict[str, object] = {}
 
 
@@ -86,9 +101,13 @@ def install_arguments() -> None:
 
     @functools.wraps(validate)
     def validate_args(args, defaults={}):  # noqa: B006 - Megatron's own signature
-        # Ours first: Megatron's checks assert on the same sizes without naming our flags.
+        # Ours first: Megatron's checks assert on the same sizes without naming our flags. The MoE flags
+        # after Megatron's, on the config it builds from the validated arguments.
         validate_fold_args(args)
-        return validate(args, defaults)
+        result = validate(args, defaults)
+        if args.moe_fold:
+            check_moe_flags(args)
+        return result
 
     arguments.add_megatron_arguments = add_megatron_arguments
     arguments.validate_args = validate_args
@@ -126,30 +145,35 @@ def layout_from_args(args) -> FoldedLayout:
     )
 
 
-def _config_checks(args) -> list[str]:
-    """Megatron-LM flags FoldMoELayer cannot honour. The one place where megatron_fold.moe.flags (MoE flag
-    parity, a TransformerConfig check) plugs in once it exists; until then, what FoldMoELayer refuses."""
-    problems = []
-    if getattr(args, "moe_shared_expert_overlap", False):
-        problems.append("--moe-shared-expert-overlap runs the shared expert on a separate CUDA stream inside "
-                        "Megatron's dispatchers; FoldMoELayer computes shared experts in line: drop "
-                        "--moe-shared-expert-overlap")
-    if getattr(args, "moe_token_dispatcher_type", None) == "flex":
-        problems.append("--moe-token-dispatcher-type flex selects DeepEP / HybridEP; --moe-fold replaces the "
-                        "token dispatcher: drop --moe-token-dispatcher-type flex")
-    try:
-        from megatron_fold.moe import flags  # noqa: F401  (issue 13; checks a TransformerConfig)
-    except ImportError:
-        flags = None
-    check = getattr(flags, "check_transformer_config", None) if flags is not None else None
-    if check is not None and not problems:
-        from megatron.training.arguments import core_transformer_config_from_args
+def check_moe_flags(args) -> None:
+    """Megatron's MoE flags FoldMoELayer cannot honour, decided by megatron_fold.moe.flags on the
+    TransformerConfig Megatron-LM builds from these (validated) arguments; FoldArgumentError names the
+    Megatron-LM flags of the refused fields."""
+    from megatron.training.arguments import core_transformer_config_from_args
 
-        try:
-            check(core_transformer_config_from_args(args))
-        except ValueError as e:
-            problems.append(str(e))
-    return problems
+    from megatron_fold.moe.flags import validate_fold_moe_config
+
+    config = core_transformer_config_from_args(args)  # Megatron's own errors stay Megatron's
+    try:
+        validate_fold_moe_config(config, args.moe_fold_drop_scope)
+    except ValueError as e:
+        flags = [flag for dest, flag in _flags_by_dest().items() if re.search(rf"(?<![\w]){dest}(?![\w])", str(e))]
+        raise FoldArgumentError(f"--moe-fold cannot run with these Megatron-LM arguments: {e}"
+                                + (f" (Megatron-LM flags: {', '.join(flags)})" if flags else "")) from None
+
+
+@functools.cache
+def _flags_by_dest() -> dict[str, str]:
+    """Megatron-LM's own flag for each argument name (moe_token_dispatcher_type -> --moe-token-dispatcher-type)."""
+    from megatron.training import arguments
+
+    parser = _ORIGINAL.get("add", arguments.add_megatron_arguments)(argparse.ArgumentParser(add_help=False))
+    out = {}
+    for action in parser._actions:
+        longest = max(action.option_strings, key=len, default=None)
+        if longest and action.dest not in out:
+            out[action.dest] = longest
+    return out
 
 
 def validate_fold_args(args) -> None:
@@ -185,7 +209,6 @@ def validate_fold_args(args) -> None:
                      f"{args.expert_tensor_parallel_size if args.expert_tensor_parallel_size is not None else '(TP)'}, "
                      f"--num-experts {args.num_experts} on WORLD_SIZE {args.world_size}")
             problems.append(f"--moe-fold: {sizes} is not a folded layout:\n" + "\n".join(f"    {v}" for v in e.violations))
-    problems += _config_checks(args)
     if problems:
         raise FoldArgumentError("--moe-fold cannot run with these Megatron-LM arguments:\n"
                                 + "\n".join(f"  - {p}" for p in problems))

@@ -71,12 +71,11 @@ def test_help_lists_plugin_flags(parse, capsys):
 
 
 @pytest.mark.parametrize("extra, names", [
-    (["--moe-fold", "--moe-shared-expert-intermediate-size", "16", "--moe-shared-expert-overlap"],
-     ["--moe-shared-expert-overlap"]),
+    (["--moe-fold", "--moe-token-dispatcher-type", "flex", "--moe-flex-dispatcher-backend", "deepep"],
+     ["--moe-token-dispatcher-type"]),
     (["--moe-fold", "--expert-model-parallel-size", "3"], ["--expert-model-parallel-size 3", "EP values that fit"]),
     (["--moe-fold", "--tensor-model-parallel-size", "3", "--sequence-parallel"],
      ["--tensor-model-parallel-size 3", "WORLD_SIZE 8"]),
-    (["--moe-fold", "--moe-token-dispatcher-type", "flex"], ["--moe-token-dispatcher-type flex"]),
     (["--moe-fold-drop-scope", "sequence"], ["--moe-fold-drop-scope only apply with --moe-fold"]),
     (["--moe-fold", "--moe-fold-no-metrics", "--moe-fold-log-interval", "5"], ["--moe-fold-log-interval"]),
 ])
@@ -85,6 +84,13 @@ def test_bad_combinations_fail_at_argument_time_naming_flags(parse, extra, names
         parse(*BASE, *extra)
     for name in names:
         assert name in str(e.value), str(e.value)
+
+
+def test_shared_expert_overlap_is_accepted(parse):
+    """megatron_fold.moe.flags runs it (the shared expert beside FlexFoldDispatcher's all-to-all)."""
+    args = parse(*BASE, "--moe-fold", "--moe-shared-expert-intermediate-size", "16", "--moe-shared-expert-overlap",
+                 "--moe-token-dispatcher-type", "alltoall", "--expert-model-parallel-size", "8")
+    assert args.moe_shared_expert_overlap
 
 
 def test_flag_needs_the_spec_and_experts(parse):
