@@ -135,6 +135,8 @@ def test_whole_model_is_layout_invariant(name, reference):
     runs = _runs_for(list(LAYOUTS).index(name))
     per_rank = run_on_ranks(_layout_runs, W, LAYOUTS[name], runs, weights, timeout=600)
     for family, mode, optimizer in runs:
+        worst = max(_max_rel_diff(per_rank[r][family, mode, optimizer], expected[family, mode]) for r in range(W))
+        print(f"invariance {name} {family} {mode} {optimizer}: max relative difference {worst:.1e}")
         for rank in range(W):
             got = per_rank[rank][family, mode, optimizer]
             diff = _max_rel_diff(got, expected[family, mode])
@@ -156,6 +158,7 @@ def test_controls_fail_the_comparison(name, control, reference):
     kwargs = dict(drop_scope="subsequence") if control == "subsequence" else dict(untag_norms=True)
     got = run_on_ranks(_layout_runs, W, LAYOUTS[name], runs, weights, timeout=600, **kwargs)[0][runs[0]]
     diff = _max_rel_diff(got, expected["mixtral-like", "sequence-dropping"])
+    print(f"control {control} under {name}: max relative difference {diff:.1e}")
     assert diff > 10 * RTOL, f"{control} under {name} should differ from the single-rank run, differs by {diff:.2e}"
 
 
@@ -196,6 +199,7 @@ def test_checkpoint_resumes_under_another_layout(a, b, optimizer, reference, tmp
     second, extra = run_on_ranks(_train_and_save, W, LAYOUTS[b], None, optimizer, 2, load_dir=ckpt, timeout=600)[0]
     assert extra["iteration"] == 2 and "tp=" in extra["layout"]
     diff = _max_rel_diff(first + second, uninterrupted)
+    print(f"checkpoint {a} -> {b} ({optimizer} optimizer): max relative difference {diff:.1e}")
     assert diff <= RTOL, f"resumed under {b}: {[r.loss for r in first + second]} vs {[r.loss for r in uninterrupted]}"
 
 
