@@ -49,6 +49,7 @@ def explain_dict(layout: FoldedLayout, rank: int | None = None) -> dict:
         "intra_node": {name: layout.intra_node(name) for name in GROUP_NAMES},
         "groups": {name: layout.groups(name) for name in GROUP_NAMES},
         "megatron_args": layout.megatron_args() if layout.megatron_lm_order() else None,
+        "command": _drop_in(layout),
         "warnings": _explain_warnings(layout),
     }
 
@@ -57,6 +58,13 @@ def _explain_warnings(layout: FoldedLayout) -> list[str]:
     # The printed arguments set --sequence-parallel with TP > 1; without arguments (an order Megatron-LM
     # cannot select) the advice covers both.
     return layout.warnings(sequence_parallel=True if layout.megatron_lm_order() else None)
+
+
+def _drop_in(layout: FoldedLayout) -> list[str] | None:
+    """The layout's Megatron-LM arguments as the drop-in command (python -m megatron_fold.pretrain_gpt ... --moe-fold)."""
+    from megatron_fold.plan.command import DROP_IN, drop_in_args
+
+    return DROP_IN + drop_in_args(layout.megatron_args()) if layout.megatron_lm_order() else None
 
 
 def _compact_group(group: list[int]) -> str:
@@ -109,8 +117,8 @@ def explain_text(layout: FoldedLayout, rank: int | None) -> str:
         lines.append("groups:")
         for name in GROUP_NAMES:
             lines.append(f"  {name:<9} {_compact(layout.groups(name))}")
-    lines += ["", "Megatron-LM arguments: " + (" ".join(layout.megatron_args()) if layout.megatron_lm_order()
-                                               else "none select this order (see warnings)")]
+    lines += ["", ("Megatron-LM command: " + " ".join(_drop_in(layout)) if layout.megatron_lm_order()
+                   else "Megatron-LM arguments: none select this order (see warnings)")]
     warnings = _explain_warnings(layout)
     if warnings:
         lines += ["", "warnings:"] + [f"  - {w}" for w in warnings]

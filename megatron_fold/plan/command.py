@@ -18,6 +18,23 @@ _LAYOUT_KEYS = {"tp", "cp", "pp", "vpp", "ep", "etp", "mbs"}
 _PLACED = {"tp": "TP", "cp": "CP", "ep": "EP", "etp": "ETP", "pp": "PP", "dp_cp": "DP x CP", "edp": "EDP"}
 
 
+# The drop-in: Megatron-LM's pretrain_gpt.py with the plugin (megatron_fold/pretrain_gpt.py).
+DROP_IN = ["python", "-m", "megatron_fold.pretrain_gpt"]
+
+
+def drop_in_args(megatron_args: list[str], drop_scope: str | None = None, dropping: bool = True) -> list[str]:
+    """Megatron-LM arguments for the drop-in: Megatron's own dispatcher flag gives way to `--moe-fold`
+    (FoldMoELayer brings its own dispatcher), and sequence-scope dropping to its plugin flag."""
+    out = [a for a in megatron_args if a.split("=")[0] != "--moe-token-dispatcher-type"] + ["--moe-fold"]
+    if drop_scope == "sequence" and dropping:
+        out.append("--moe-fold-drop-scope=sequence")
+    return out
+
+
+def command_line(args: list[str]) -> str:
+    return " ".join(DROP_IN + args)
+
+
 def add_arguments(p) -> None:
     p.add_argument("--model", help=f"preset: {', '.join(PRESETS)}")
     p.add_argument("--hf-config", help="a Hugging Face config.json (Mixtral, Qwen2-MoE, Qwen3-MoE)")
@@ -93,8 +110,22 @@ def _placement(layout: FoldedLayout) -> str:
     return "links: " + (", ".join(where) if where else "none (one GPU)")
 
 
-def _as_dict(est) -> dict:
-    return est.to_dict() | {"coupled": is_coupled(est.choice.layout), "warnings": _warnings(est.choice.layout)}
+def _as_dict(est, args) -> dict:
+    return est.to_dict() | {"coupled": is_coupled(est.choice.layout), "warnings": _warnings(est.choice.layout),
+                            "command": _command(est, args)}
+
+
+def _command(est, args) -> list[str] | None:
+    """The drop-in command as argv; None with --no-fold (Megatron's own MoE layer: megatron_args)."""
+    if args.no_fold:
+        return None
+    return DROP_IN + drop_in_args(est.megatron_args, args.drop_scope, args.capacity_factor is not None)
+
+
+def _command_text(est, args) -> str:
+    if args.no_fold:
+        return "Megatron-LM arguments: " + " ".join(est.megatron_args)
+    return "Megatron-LM command: " + " ".join(_command(est, args))
 
 
 def _padding_note(capacity_factor: float | None) -> list[str]:
@@ -123,11 +154,11 @@ def _one_layout(args, model, gpu, cf) -> int:
     est = estimate(model, gpu, Choice(layout, vpp, mbs, spec["recompute"]), args.seq_len, args.global_batch, cf,
                    drop_scope=args.drop_scope)
     if args.json:
-        print(json.dumps(_as_dict(est), indent=1))
+        print(json.dumps(_as_dict(est, args), indent=1))
         return 0
     fits = "fits" if est.fits else f"DOES NOT FIT in {gpu.memory_gb:g} GB"
     lines = [_header(), _row(1, est), "", _placement(layout) + f"; memory: {fits}", ""] + _breakdown(est)
-    lines += ["", *_padding_note(cf), "Megatron-LM arguments: " + " ".join(est.megatron_args)]
+    lines += ["", *_padding_note(cf), _command_text(est, args)]
     warnings = _warnings(layout)
     if warnings:
         lines += ["", "warnings:"] + [f"  - {w}" for w in warnings]
@@ -169,8 +200,8 @@ def run(args) -> int:
     coupled = next((e for e in ranked if is_coupled(e.choice.layout)), None)
     if args.json:
         print(json.dumps({"model": model.name, "gpu": gpu.name, "gpus": args.gpus, "evaluated": evaluated,
-                          "fitting": len(ranked), "seconds": elapsed, "results": [_as_dict(e) for e in top],
-                          "best_coupled": _as_dict(coupled) if coupled else None}, indent=1))
+                          "fitting": len(ranked), "seconds": elapsed, "results": [_as_dict(e, args) for e in top],
+                          "best_coupled": _as_dict(coupled, args) if coupled else None}, indent=1))
         return 0
     print(f"{model.name} ({model.total_params / 1e9:.1f}B params, {model.active_params / 1e9:.1f}B active) on "
           f"{args.gpus} x {gpu.name}, seq {args.seq_len}, global batch {args.global_batch}, "
@@ -192,6 +223,5 @@ def run(args) -> int:
         else:
             print(f"\nbest coupled layout (no folding): {coupled.choice.label()}, {100 * coupled.mfu:.1f}% MFU; "
                   f"the folded best is {100 * (coupled.step_time_s / best.step_time_s - 1):.1f}% faster")
-    print("\n" + "".join(line + "\n" for line in _padding_note(cf)) + "Megatron-LM arguments: "
-          + " ".join(best.megatron_args))
+    print("\n" + "".join(line + "\n" for line in _padding_note(cf)) + _command_text(best, args))
     return 0

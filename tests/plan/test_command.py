@@ -225,9 +225,9 @@ def test_capacity_factor_padding_is_said_in_text(capsys):
     for extra in ([], ["--layout", "tp2,pp8,ep8,etp1,vpp7"]):
         rc, out, _ = run(capsys, "--model", "mixtral-8x22b", "--gpus", "128", "--top", "1", "--capacity-factor", "1",
                          *extra)
-        args_line = next(l for l in out.splitlines() if l.startswith("Megatron-LM arguments:"))
+        args_line = next(l for l in out.splitlines() if l.startswith("Megatron-LM command:"))
         assert rc == 0 and "--moe-pad-expert-input-to-capacity" in args_line
-        assert "the arguments also set --moe-pad-expert-input-to-capacity" in out.split("Megatron-LM arguments:")[0]
+        assert "the arguments also set --moe-pad-expert-input-to-capacity" in out.split("Megatron-LM command:")[0]
     rc, out, _ = run(capsys, "--model", "mixtral-8x22b", "--gpus", "128", "--top", "1")
     assert rc == 0 and "moe-pad-expert-input-to-capacity" not in out
 
