@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 import time
 
 from megatron_fold.layout import FoldedLayout
@@ -61,6 +62,8 @@ def add_arguments(p) -> None:
     drop.add_argument("--capacity-factor", type=float, help="token dropping with this capacity factor")
     drop.add_argument("--dropless", action="store_true", help="dropless MoE (the default)")
     p.add_argument("--layout", help="evaluate one layout, e.g. tp2,pp8,ep8,etp1[,cp1,vpp1,mbs1,recompute]")
+    p.add_argument("--slurm", metavar="FILE",
+                   help="write an sbatch script that trains the chosen layout (the best, or --layout) with the drop-in")
 
 
 def _model(args):
@@ -122,6 +125,30 @@ def _command(est, args) -> list[str] | None:
     return DROP_IN + drop_in_args(est.megatron_args, args.drop_scope, args.capacity_factor is not None)
 
 
+def _write_slurm(est, args, model) -> None:
+    from megatron_fold.plan.slurm import sbatch_script
+
+    invocation = ["megatron-fold", "plan", "--model" if args.model else "--hf-config", args.model or args.hf_config,
+                  "--gpus", str(args.gpus), "--gpus-per-node", str(args.gpus_per_node), "--gpu", args.gpu,
+                  "--seq-len", str(args.seq_len), "--global-batch", str(args.global_batch)]
+    if args.profile:
+        invocation += ["--profile", args.profile]
+    if args.capacity_factor is not None:
+        invocation += ["--capacity-factor", f"{args.capacity_factor:g}", "--drop-scope", args.drop_scope]
+    if args.layout:
+        invocation += ["--layout", args.layout]
+    invocation += ["--slurm", args.slurm]
+    text = sbatch_script(est.choice.layout, _command(est, args)[len(DROP_IN):],
+                         job_name=f"mfold-{model.name}",
+                         generated_by=" ".join(invocation),
+                         summary=f"{model.name} on {args.gpus} GPUs: {est.choice.label()}, predicted "
+                                 f"{est.step_time_s:.2f} s/step, {100 * est.mfu:.1f}% MFU")
+    with open(args.slurm, "w") as f:
+        f.write(text)
+    print(f"\nwrote {args.slurm}: sbatch script for {est.choice.layout.world_size // args.gpus_per_node} nodes "
+          f"x {args.gpus_per_node} GPUs ({est.choice.label()})", file=sys.stderr if args.json else sys.stdout)
+
+
 def _command_text(est, args) -> str:
     if args.no_fold:
         return "Megatron-LM arguments: " + " ".join(est.megatron_args)
@@ -155,6 +182,8 @@ def _one_layout(args, model, gpu, cf) -> int:
                    drop_scope=args.drop_scope)
     if args.json:
         print(json.dumps(_as_dict(est, args), indent=1))
+        if args.slurm:
+            _write_slurm(est, args, model)
         return 0
     fits = "fits" if est.fits else f"DOES NOT FIT in {gpu.memory_gb:g} GB"
     lines = [_header(), _row(1, est), "", _placement(layout) + f"; memory: {fits}", ""] + _breakdown(est)
@@ -163,6 +192,8 @@ def _one_layout(args, model, gpu, cf) -> int:
     if warnings:
         lines += ["", "warnings:"] + [f"  - {w}" for w in warnings]
     print("\n".join(lines))
+    if args.slurm:
+        _write_slurm(est, args, model)
     return 0
 
 
@@ -186,6 +217,9 @@ def run(args) -> int:
                         ("--global-batch", args.global_batch), ("--seq-len", args.seq_len), ("--top", args.top)):
         if value < 1:
             raise ValueError(f"{flag} must be positive, got {value}")
+    if args.slurm and args.no_fold:
+        raise ValueError("--slurm writes a script for the drop-in (--moe-fold); --no-fold plans Megatron's own MoE "
+                         "layer: drop one of them")
     cf = args.capacity_factor
     if args.layout:
         return _one_layout(args, model, gpu, cf)
@@ -202,6 +236,8 @@ def run(args) -> int:
         print(json.dumps({"model": model.name, "gpu": gpu.name, "gpus": args.gpus, "evaluated": evaluated,
                           "fitting": len(ranked), "seconds": elapsed, "results": [_as_dict(e, args) for e in top],
                           "best_coupled": _as_dict(coupled, args) if coupled else None}, indent=1))
+        if args.slurm:
+            _write_slurm(top[0], args, model)
         return 0
     print(f"{model.name} ({model.total_params / 1e9:.1f}B params, {model.active_params / 1e9:.1f}B active) on "
           f"{args.gpus} x {gpu.name}, seq {args.seq_len}, global batch {args.global_batch}, "
@@ -224,4 +260,6 @@ def run(args) -> int:
             print(f"\nbest coupled layout (no folding): {coupled.choice.label()}, {100 * coupled.mfu:.1f}% MFU; "
                   f"the folded best is {100 * (coupled.step_time_s / best.step_time_s - 1):.1f}% faster")
     print("\n" + "".join(line + "\n" for line in _padding_note(cf)) + _command_text(best, args))
+    if args.slurm:
+        _write_slurm(best, args, model)
     return 0
