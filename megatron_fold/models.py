@@ -86,14 +86,6 @@ def model_config(family: str, layout: FoldedLayout, *, virtual_pipeline_stages: 
     return TransformerConfig(**kwargs)
 
 
-def _have_transformer_engine() -> bool:
-    try:
-        import transformer_engine  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def build_model(config: TransformerConfig, pg_collection, *, vocab_size: int, seq_length: int,
                 drop_scope: DropScope | str = DropScope.SEQUENCE, use_te: bool | None = None,
                 fold: bool = True, check_finite: bool = True, metrics: bool = True) -> list[GPTModel]:
@@ -103,7 +95,7 @@ def build_model(config: TransformerConfig, pg_collection, *, vocab_size: int, se
     `use_te=None` uses the Transformer Engine spec when TE is installed.
     """
     if use_te is None:
-        use_te = _have_transformer_engine()
+        use_te = specs._have_transformer_engine()
     pp_group = pg_collection.pp
     pp_rank, pp_size = pp_group.rank(), pp_group.size()
     vpp = config.virtual_pipeline_model_parallel_size or 1

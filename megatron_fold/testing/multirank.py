@@ -29,7 +29,7 @@ from multiprocessing.connection import wait
 import torch
 import torch.distributed as dist
 
-__all__ = ["run_on_ranks", "MultiRankFailure"]
+__all__ = ["run_on_ranks", "MultiRankFailure", "process_alive"]
 
 
 class MultiRankFailure(AssertionError):
@@ -89,6 +89,19 @@ def _rank_main(fn, rank, world_size, store_path, conn, stack_file, stack_after, 
     conn.close()
     # Skip atexit handlers and pytest's teardown inherited through fork; the parent owns cleanup.
     os._exit(0)
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` still runs (a zombie has exited and only waits to be reaped)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 def _kill(procs):

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from megatron_fold.testing.multirank import MultiRankFailure, run_on_ranks
+from megatron_fold.testing.multirank import MultiRankFailure, process_alive, run_on_ranks
 
 
 def _sum_ranks(rank, world_size):
@@ -42,14 +42,6 @@ def _hang_on_rank_1(rank, world_size, pid_file):
         time.sleep(3600)
 
 
-def _alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie has exited; it only waits to be reaped.
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().split()[2] != "Z"
 
 
 def test_hanging_rank_times_out_and_leaves_no_process(tmp_path):
@@ -62,7 +54,7 @@ def test_hanging_rank_times_out_and_leaves_no_process(tmp_path):
     assert "_hang_on_rank_1" in rank1 and "pytest" not in rank1
     assert time.monotonic() - start < 30
     pids = [int(open(f"{pid_file}.{r}").read()) for r in range(2)]
-    assert not any(_alive(p) for p in pids)
+    assert not any(process_alive(p) for p in pids)
 
 
 def test_consecutive_runs_do_not_collide():
@@ -90,11 +82,11 @@ def test_ranks_die_with_a_killed_parent(tmp_path):
             assert time.monotonic() < deadline and parent.poll() is None, "ranks never started"
             time.sleep(0.2)
         pids = [int(open(f"{pid_file}.{r}").read()) for r in range(2)]
-        assert all(_alive(p) for p in pids)
+        assert all(process_alive(p) for p in pids)
     finally:
         parent.send_signal(signal.SIGKILL)
         parent.wait()
     deadline = time.monotonic() + 10
-    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+    while any(process_alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not any(_alive(p) for p in pids)
+    assert not any(process_alive(p) for p in pids)

@@ -15,6 +15,7 @@ import pytest
 
 from megatron_fold.cli import main
 from megatron_fold.train import plots
+from megatron_fold.testing.multirank import process_alive
 from megatron_fold.train.metrics import RECORD_KEYS, read_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -96,7 +97,7 @@ def test_metrics_schema_and_plots_drawn_from_them(compared, tmp_path):
                        ("drop_fraction.png", plots.plot_drop_fraction)):
         path = run / name
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
-        title = f"mixtral-like, layout tp2,ep4,etp1"
+        title = "mixtral-like, layout tp2,ep4,etp1"
         again = str(tmp_path / name)
         draw(records, again, title) if draw is plots.plot_loss else draw(records, again)
         assert numpy.array_equal(matplotlib.image.imread(str(path)), matplotlib.image.imread(again)), name
@@ -186,13 +187,6 @@ def _children(pid):
     return [int(p) for p in out.split()]
 
 
-def _alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().split()[2] != "Z"
 
 
 def test_a_killed_rank_stops_the_job(cache, tmp_path):
@@ -206,7 +200,7 @@ def test_a_killed_rank_stops_the_job(cache, tmp_path):
             assert job.poll() is None, job.stderr.read()[-3000:]
             assert time.monotonic() < deadline, "the job never started training"
             time.sleep(0.5)
-        ranks = [p for p in _children(job.pid) if _alive(p)]
+        ranks = [p for p in _children(job.pid) if process_alive(p)]
         assert len(ranks) >= 4
         os.kill(ranks[2], signal.SIGKILL)
         _, err = job.communicate(timeout=60)
@@ -217,5 +211,5 @@ def test_a_killed_rank_stops_the_job(cache, tmp_path):
     assert job.returncode != 0
     assert "died without a result" in err or "ranks raised" in err, err[-2000:]
     time.sleep(0.5)
-    assert not any(_alive(p) for p in ranks), "a rank outlived the job"
+    assert not any(process_alive(p) for p in ranks), "a rank outlived the job"
     assert json.loads(metrics.read_text().splitlines()[0])["step"] == 0
