@@ -27,7 +27,7 @@ while [ $# -gt 0 ]; do
     --dry-run) DRY_RUN=1; shift ;;
     --gpus) GPUS="${2:?--gpus needs a number}"; shift 2 ;;
     --out) OUT="${2:?--out needs a directory}"; shift 2 ;;
-    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
     *) echo "smoke_8gpu.sh: unknown argument '$1' (use --dry-run, --gpus N, --out DIR)" >&2; exit 2 ;;
   esac
 done

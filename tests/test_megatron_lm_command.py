@@ -1,15 +1,14 @@
 """`plan` and `explain` print the drop-in command, and its Megatron-LM arguments pass Megatron-LM's own
-parse_args + validate_args (the wheel's) with the plugin's checks, as far as validation runs without CUDA."""
+parse_args + validate_args (the wheel's) with the plugin's checks, as far as validation runs without CUDA
+(the fixture of tests/test_slurm.py: device queries answered as an H100 would)."""
 
 import json
-import sys
 
 import pytest
-import torch
-from megatron.training import arguments
 
 from megatron_fold import cli, megatron_lm
 from megatron_fold.plan.command import DROP_IN
+from tests.test_slurm import megatron_validate  # noqa: F401  (fixture: H100 device answers, plugin flags)
 
 # The user's part of a run, which the planner does not choose: data, tokenizer, optimizer schedule.
 USER = ["--tokenizer-type=NullTokenizer", "--vocab-size=32000", "--lr=1e-4", "--train-iters=10", "--mock-data"]
@@ -21,24 +20,8 @@ def run(capsys, *argv):
     return rc, out, err
 
 
-@pytest.fixture
-def megatron_parse(monkeypatch):
-    """parse_args + validate_args as on an 8-GPU H100 node (device queries answered as an H100 would)."""
-    monkeypatch.setenv("RANK", "0")
-    monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", "1")
-    monkeypatch.setattr(arguments, "get_device_arch_version", lambda: 9)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: (9, 0))
-    megatron_lm.install_arguments()
-
-    def parse(argv, world):
-        monkeypatch.setenv("WORLD_SIZE", str(world))
-        monkeypatch.setattr(sys, "argv", ["pretrain_gpt.py", *megatron_lm.with_fold_spec(argv)])
-        args = arguments.parse_args()
-        arguments.validate_args(args, {})
-        return args
-
-    yield parse
-    megatron_lm.uninstall_arguments()
+def megatron_parse_for(validate):
+    return lambda argv, world: validate(argv, {"WORLD_SIZE": str(world), "CUDA_DEVICE_MAX_CONNECTIONS": "1"})
 
 
 @pytest.mark.parametrize("model, gpus, extra", [
@@ -46,7 +29,8 @@ def megatron_parse(monkeypatch):
     ("qwen2-57b-a14b", 64, ["--capacity-factor", "1.0", "--drop-scope", "sequence"]),
     ("mixtral-8x22b", 128, ["--layout", "tp2,pp8,ep8,etp1,vpp7"]),
 ])
-def test_plan_command_passes_megatron_validation(capsys, megatron_parse, model, gpus, extra):
+def test_plan_command_passes_megatron_validation(capsys, megatron_validate, model, gpus, extra):  # noqa: F811
+    megatron_parse = megatron_parse_for(megatron_validate)
     rc, out, _ = run(capsys, "plan", "--model", model, "--gpus", str(gpus), "--top", "1", "--json", *extra)
     assert rc == 0
     data = json.loads(out)
@@ -56,7 +40,7 @@ def test_plan_command_passes_megatron_validation(capsys, megatron_parse, model, 
     assert not any(a.startswith("--moe-token-dispatcher-type") for a in command)
     sequence = "--drop-scope" in extra
     assert ("--moe-fold-drop-scope=sequence" in command) == sequence
-    args = megatron_parse(command[3:] + ["--no-rope-fusion"] + USER, gpus)
+    args = megatron_parse(command[3:] + USER, gpus)
     layout = best["layout"]
     assert (args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.expert_model_parallel_size,
             args.expert_tensor_parallel_size) == (layout["tp"], layout["pp"], layout["ep"], layout["etp"])
@@ -79,13 +63,14 @@ def test_plan_no_fold_keeps_megatron_dispatcher(capsys):
     assert json.loads(out)["results"][0]["command"] is None
 
 
-def test_explain_prints_the_command(capsys, megatron_parse):
+def test_explain_prints_the_command(capsys, megatron_validate):  # noqa: F811
+    megatron_parse = megatron_parse_for(megatron_validate)
     rc, out, _ = run(capsys, "explain", "--world", "16", "--tp", "2", "--ep", "4", "--etp", "1", "--num-experts", "8")
     assert rc == 0 and "Megatron-LM command: python -m megatron_fold.pretrain_gpt --tensor-model-parallel-size=2" in out
     rc, out, _ = run(capsys, "explain", "--world", "16", "--tp", "2", "--ep", "4", "--etp", "1", "--json")
     command = json.loads(out)["command"]
     assert command[:3] == DROP_IN and command[-1] == "--moe-fold"
     model = ["--num-layers=4", "--hidden-size=64", "--num-attention-heads=8", "--num-experts=8", "--seq-length=64",
-             "--max-position-embeddings=64", "--micro-batch-size=1", "--no-rope-fusion"]
+             "--max-position-embeddings=64", "--micro-batch-size=1"]
     args = megatron_parse(command[3:] + model + USER, 16)
     assert (args.tensor_model_parallel_size, args.expert_model_parallel_size, args.sequence_parallel) == (2, 4, True)
