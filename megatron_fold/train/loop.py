@@ -37,13 +37,14 @@ def micro_batches(tokens: torch.Tensor, micro_batch_size: int, pg_collection,
     share = tokens.shape[0] // dp
     seq = tokens.shape[1] - 1
     if loss_mask is None:
-        loss_mask = torch.ones(tokens.shape[0], seq)
+        loss_mask = torch.ones(tokens.shape[0], seq, device=tokens.device)
     out = []
     for start in range(d * share, (d + 1) * share, micro_batch_size):
         rows = tokens[start:start + micro_batch_size]
         batch = dict(tokens=rows[:, :-1].contiguous(), labels=rows[:, 1:].contiguous(),
                      loss_mask=loss_mask[start:start + micro_batch_size].float().contiguous(),
-                     position_ids=torch.arange(seq).expand(rows.shape[0], seq).contiguous(), cu_seqlens=None)
+                     position_ids=torch.arange(seq, device=tokens.device).expand(rows.shape[0], seq).contiguous(),
+                     cu_seqlens=None)
         if pg_collection.cp.size() > 1:
             batch = get_batch_on_this_cp_rank(batch, False, cp_group=pg_collection.cp)
         out.append(batch)
@@ -122,6 +123,9 @@ class Trainer:
 
     def _run(self, tokens: torch.Tensor, loss_mask: torch.Tensor | None, forward_only: bool):
         pgs, model = self.pg_collection, self.model
+        device = next(model[0].parameters()).device  # batches and loss sums live where the model does
+        tokens = tokens.to(device)
+        loss_mask = loss_mask.to(device) if loss_mask is not None else None
         batches = micro_batches(tokens, self.micro_batch_size, pgs, loss_mask)
         iterators = [iter(batches) for _ in model]
         losses = self._forward_backward(
@@ -129,7 +133,7 @@ class Trainer:
             model=model, num_microbatches=len(batches),
             seq_length=tokens.shape[1] - 1,  # the schedules divide it by CP (and by TP under SP) themselves
             micro_batch_size=self.micro_batch_size, forward_only=forward_only)
-        total = torch.zeros(2)  # [token loss sum, tokens]
+        total = torch.zeros(2, device=device)  # [token loss sum, tokens]
         if pgs.pp.rank() == pgs.pp.size() - 1:
             for entry in losses:
                 total += entry["lm loss"]
