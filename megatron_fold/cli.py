@@ -179,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # `train` forks its ranks after asking whether CUDA is there; torch's default check initialises
+    # CUDA, after which no forked child can use it. The NVML-based check answers without doing so.
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -88,11 +88,13 @@ def model_config(family: str, layout: FoldedLayout, *, virtual_pipeline_stages: 
 
 def build_model(config: TransformerConfig, pg_collection, *, vocab_size: int, seq_length: int,
                 drop_scope: DropScope | str = DropScope.SEQUENCE, use_te: bool | None = None,
-                fold: bool = True, check_finite: bool = True, metrics: bool = True) -> list[GPTModel]:
+                fold: bool = True, portable_modules: bool = True, check_finite: bool = True,
+                metrics: bool = True) -> list[GPTModel]:
     """This rank's model chunks (one per virtual pipeline stage) of a stock GPTModel.
 
     `fold=False` builds Megatron's own MoELayer instead (the baseline of benchmarks and oracle tests);
-    `use_te=None` uses the Transformer Engine spec when TE is installed.
+    `portable_modules=False` keeps Megatron's own local norm and attention (TP = CP = 1 only: the
+    single-rank oracle); `use_te=None` uses the Transformer Engine spec when TE is installed.
     """
     if use_te is None:
         use_te = specs._have_transformer_engine()
@@ -105,7 +107,7 @@ def build_model(config: TransformerConfig, pg_collection, *, vocab_size: int, se
             block = get_gpt_decoder_block_spec(config, use_transformer_engine=use_te,
                                                normalization=config.normalization,
                                                vp_stage=vp_stage if vpp > 1 else None, pp_rank=pp_rank)
-            if not use_te:
+            if not use_te and portable_modules:
                 block = portable.adapt_spec(block)
             first = pp_rank == 0 and vp_stage == 0
             last = pp_rank == pp_size - 1 and vp_stage == vpp - 1

@@ -112,7 +112,11 @@ def verify_groups(layout: FoldedLayout, pg_collection: ProcessGroupCollection | 
     rank = dist.get_rank()
     differing = []
     for name in GROUP_NAMES:
-        built = sorted(dist.get_process_group_ranks(megatron_group(name)))
+        try:  # a getter that raises on one rank must not leave the others blocked below
+            built = sorted(dist.get_process_group_ranks(megatron_group(name)))
+        except Exception as e:  # noqa: BLE001 - reported collectively below
+            differing.append(f"{name}: Megatron's getter raised {type(e).__name__}: {e}")
+            continue
         predicted = layout.group_of(name, rank)
         if built != predicted:
             differing.append(f"{name}: Megatron built {built}, layout predicts {predicted}")

@@ -50,6 +50,9 @@ class ContextParallelDotProductAttention(DotProductAttention):
         # and give it the gathered keys.
         single_chunk = copy.copy(config)
         single_chunk.context_parallel_size = 1
+        # We always pass an explicit position mask; Megatron's fused causal-softmax kernels assume a
+        # square [sq, sq] causal mask of their own (and would ignore ours), so they must not be picked.
+        single_chunk.masked_softmax_fusion = False
         super().__init__(single_chunk, layer_number, attn_mask_type, attention_type, attention_dropout,
                          softmax_scale, cp_comm_type, pg_collection)
         self.config = config
@@ -71,16 +74,19 @@ class ContextParallelDotProductAttention(DotProductAttention):
             k_pos = torch.cat([local_token_positions(seq_len, 0, 1, r, cp, device=query.device)
                                for r in range(cp)])
         else:
-            q_pos = k_pos = torch.arange(local_len, device=query.device)
+            # Queries are the last `local_len` of the keys' positions (equal lengths in training; fewer
+            # queries than keys when decoding with a KV cache).
+            k_pos = torch.arange(key.shape[0], device=query.device)
+            q_pos = k_pos[key.shape[0] - local_len:]
         mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
         mask = None
-        if mask_type == AttnMaskType.causal:
-            mask = k_pos.unsqueeze(0) > q_pos.unsqueeze(1)  # [sq, sk], True = masked
         if attention_mask is not None:
-            # Megatron's CP batch split keeps the key dimension of a given mask whole and in order.
+            # As in Megatron, a given mask replaces the causal one. Megatron's CP batch split cuts a
+            # given mask along its query dimension and keeps the key dimension whole and in order.
             if attention_mask.shape[-1] != k_pos.numel() or attention_mask.shape[-2] != local_len:
                 raise ValueError(f"attention_mask of shape {tuple(attention_mask.shape)} does not match "
                                  f"{local_len} local queries and {k_pos.numel()} keys")
-            given = attention_mask.index_select(-1, k_pos)
-            mask = given if mask is None else (given | mask)
+            mask = attention_mask.index_select(-1, k_pos)
+        elif mask_type == AttnMaskType.causal:
+            mask = k_pos.unsqueeze(0) > q_pos.unsqueeze(1)  # [sq, sk], True = masked
         return super().forward(query, key, value, mask, mask_type, attention_bias, packed_seq_params)

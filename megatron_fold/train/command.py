@@ -54,8 +54,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--steps", type=int, default=100)
     g.add_argument("--global-batch", type=int, default=16)
     g.add_argument("--micro-batch-size", type=int, default=None,
-                   help="sequences per micro-batch (default: the fewest micro-batches the pipeline allows; "
-                        "the split does not change the result)")
+                   help="sequences per micro-batch (default: the largest every layout of the run allows; "
+                        "the aux loss is computed per micro-batch, so compared layouts share one size)")
     g.add_argument("--log-interval", type=int, default=5, help="MoE metrics every N steps")
     g.add_argument("--lr", type=float, default=3e-3)
     g.add_argument("--min-lr", type=float, default=3e-4)
@@ -125,7 +125,7 @@ def spec_from_args(args, layout_text: str, out_dir: str):
 
     layout = _parse_layout(layout_text)
     if "mbs" not in layout:
-        layout["mbs"] = args.micro_batch_size or _fewest_micro_batches(args, layout)
+        layout["mbs"] = args.micro_batch_size or _common_micro_batch(args)
     elif args.micro_batch_size and args.micro_batch_size != layout["mbs"]:
         raise ValueError(f"--layout {layout_text} says mbs{layout['mbs']} but --micro-batch-size is "
                          f"{args.micro_batch_size}; give one")
@@ -145,18 +145,26 @@ def spec_from_args(args, layout_text: str, out_dir: str):
         progress=not args.no_progress, quiet=not args.show_warnings, title=layout_text)
 
 
-def _fewest_micro_batches(args, layout: dict) -> int:
-    """Largest micro-batch that leaves each replica PP micro-batches (1 without pipelining): fewer,
-    larger micro-batches mean fewer collectives per step. Falls back to 1 when nothing divides."""
+def _common_micro_batch(args) -> int:
+    """The largest micro-batch every layout of this run can use with at least PP micro-batches per
+    replica (1 without pipelining), or 1. One size for all compared layouts matters: Megatron computes
+    the aux loss per micro-batch, so micro-batches of other sizes give other gradients; with one size
+    and contiguous DP shares, every layout groups the same sequences into micro-batches."""
     world = int(os.environ["WORLD_SIZE"]) if _under_torchrun() else args.ranks
-    try:
-        dp = FoldedLayout(world, **{k: v for k, v in layout.items() if k in ("tp", "cp", "pp", "ep", "etp")}).dp
-    except LayoutError:
-        return 1  # check_spec reports the layout itself
-    per_replica, pp = args.global_batch // dp, layout.get("pp", 1)
-    if args.global_batch % dp or per_replica % pp:
+    shapes = []
+    for text in args.compare_layouts or [args.layout]:
+        layout = _parse_layout(text)
+        try:
+            dp = FoldedLayout(world, **{k: v for k, v in layout.items() if k in ("tp", "cp", "pp", "ep", "etp")}).dp
+        except LayoutError:
+            return 1  # check_spec reports the layout itself
+        if args.global_batch % dp:
+            return 1
+        shapes.append((args.global_batch // dp, layout.get("pp", 1)))
+    mbs = min(per_replica // pp for per_replica, pp in shapes)
+    if mbs < 1 or any(per_replica % mbs or per_replica // mbs < pp for per_replica, pp in shapes):
         return 1
-    return per_replica // pp
+    return mbs
 
 
 def check_spec(spec, world_size: int) -> FoldedLayout:
@@ -199,15 +207,25 @@ def check_spec(spec, world_size: int) -> FoldedLayout:
     return layout
 
 
-def _check_checkpoint(spec, world_size: int) -> None:
-    """A checkpoint of another model shape fails here, before any rank starts."""
-    if not spec.load:
-        return
+def _check_checkpoint(spec, world_size: int, lr_decay_given: bool) -> None:
+    """A checkpoint of another model shape fails here, before any rank starts. A resumed run keeps the
+    learning-rate schedule the checkpoint was trained with (unless --lr-decay-steps says otherwise):
+    its horizon is the whole run's, not this invocation's --steps."""
+    import dataclasses
+
     from megatron_fold import checkpointing, models
 
+    if spec.save and os.path.exists(spec.save):
+        raise ValueError(f"--save {spec.save} already exists; choose a new directory (a checkpoint is never "
+                         "overwritten)")
+    if not spec.load:
+        return
     config = models.model_config(spec.family, spec.folded_layout(world_size), virtual_pipeline_stages=spec.vpp,
                                  **spec.config_overrides)
-    checkpointing.check_model_shape(spec.load, config, spec.vocab_size)
+    extra = checkpointing.check_model_shape(spec.load, config, spec.vocab_size).get("fold", {})
+    if not lr_decay_given and extra.get("lr_decay_steps"):
+        spec.schedule = dataclasses.replace(spec.schedule, decay_steps=extra["lr_decay_steps"],
+                                            warmup_steps=extra.get("warmup_steps", spec.schedule.warmup_steps))
 
 
 def _prepare_data(args, specs) -> None:
@@ -275,9 +293,12 @@ def run(args) -> int:
         raise ValueError(f"--compare-layouts: a layout is repeated ({' '.join(layouts)})")
     out_dirs = [os.path.join(args.out, n) if len(layouts) > 1 else args.out for n in names]
     specs = [spec_from_args(args, text, out_dir) for text, out_dir in zip(layouts, out_dirs)]
+    if args.save and len(specs) > 1:  # one checkpoint per compared layout
+        for spec, name in zip(specs, names):
+            spec.save = os.path.join(args.save, name)
     for spec in specs:
         check_spec(spec, world)
-        _check_checkpoint(spec, world)
+        _check_checkpoint(spec, world, lr_decay_given=args.lr_decay_steps is not None)
     is_rank0 = not _under_torchrun() or int(os.environ["RANK"]) == 0
     if is_rank0:
         for d in out_dirs:

@@ -155,8 +155,9 @@ def build_indexed_dataset(prefix: str, files: list[str], tokenizer: MegatronToke
     builder.finalize(tmp + ".idx")
     os.replace(tmp + ".bin", prefix + ".bin")
     os.replace(tmp + ".idx", prefix + ".idx")
-    with open(stamp_path, "w") as f:
+    with open(tmp + ".json", "w") as f:  # atomic too: ranks of one torchrun job may build side by side
         json.dump(stamp, f)
+    os.replace(tmp + ".json", stamp_path)
     return prefix
 
 
@@ -172,7 +173,10 @@ def check_indexed_dataset(prefix: str, vocab_size: int) -> int:
         sizes = dataset.sequence_lengths
         if len(sizes) == 0:
             raise DataError(f"--data-path {prefix}: the dataset holds no documents")
-        largest = max(int(dataset[i].max()) for i in range(0, len(sizes), max(1, len(sizes) // 64)))
+        # Every token, in chunks: one id beyond the vocabulary would fail deep inside the embedding.
+        tokens = numpy.memmap(prefix + ".bin", dtype=dataset.index.dtype, mode="r")
+        chunk = 1 << 24
+        largest = max(int(tokens[i:i + chunk].max()) for i in range(0, len(tokens), chunk))
     except DataError:
         raise
     except Exception as e:  # noqa: BLE001 - Megatron asserts on a bad header; name the file instead

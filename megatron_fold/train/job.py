@@ -107,37 +107,42 @@ def _train(rank, layout, pgs, spec: JobSpec, tensor_parallel) -> dict | None:
         dist_opt = pgs.dp_cp.size() > 1
     trainer = Trainer(chunks, config, pgs, distributed_optimizer=dist_opt, micro_batch_size=spec.mbs,
                       schedule=spec.schedule)
-    start = 0
+    start, stored_samples = 0, 0
     if spec.load:
         extra = checkpointing.load(spec.load, trainer.model, trainer.optimizer, pgs, config=config,
                                    vocab_size=spec.vocab_size)
-        start = int(extra.get("iteration", 0))
+        start, stored_samples = int(extra.get("iteration", 0)), int(extra.get("train_samples", 0))
         for _ in range(start):  # the LR schedule is a function of the step
             trainer.scheduler.step(increment=1)
     elif spec.init_checkpoint:
         checkpointing.load(spec.init_checkpoint, trainer.model, None, pgs, config=config, vocab_size=spec.vocab_size)
+        trainer.optimizer.reload_model_params()  # fp16/bf16: the optimizer's fp32 copies follow the loaded weights
     if spec.save_initial:
         checkpointing.save(spec.save_initial, trainer.model, None, pgs, config=config, vocab_size=spec.vocab_size,
                            extra={"iteration": 0, "layout": str(layout)})
 
     tokenizer = data_mod.load_tokenizer(spec.tokenizer)
-    n_evals = (spec.steps // spec.eval_interval if spec.eval_interval else 0) + 1
+    # GPTDataset's shuffle depends on how many samples are asked for (epochs, a separate last epoch):
+    # a resumed run asks for what the checkpointed run asked for, so its batches continue that order.
+    needed = (start + spec.steps) * spec.global_batch
+    train_samples = max(needed, stored_samples)
+    if rank == 0 and stored_samples and needed > stored_samples:
+        print(f"megatron-fold: note: this run needs {needed} training samples, more than the {stored_samples} "
+              "the checkpointed run planned; the sample order differs from an uninterrupted run", flush=True)
     datasets = data_mod.build_datasets(
-        spec.data_prefix, tokenizer, seq_length=spec.seq_length,
-        train_samples=(start + spec.steps) * spec.global_batch,
-        valid_samples=max(spec.eval_batches * spec.global_batch, 1) * n_evals,
-        seed=spec.seed, cache_dir=spec.cache_dir)
+        spec.data_prefix, tokenizer, seq_length=spec.seq_length, train_samples=train_samples,
+        valid_samples=max(spec.eval_batches * spec.global_batch, 1), seed=spec.seed, cache_dir=spec.cache_dir)
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
     def batch(dataset, index):
         tokens, mask = data_mod.global_batch(dataset, index, spec.global_batch)
         return tokens.to(device), mask.to(device)
 
-    def validate(eval_round: int) -> float | None:
+    def validate() -> float | None:
+        """The same validation batches every time, so the validation curve compares like with like."""
         if datasets.valid is None or spec.eval_batches == 0:
             return None
-        losses = [trainer.evaluate(*batch(datasets.valid, eval_round * spec.eval_batches + i))
-                  for i in range(spec.eval_batches)]
+        losses = [trainer.evaluate(*batch(datasets.valid, i)) for i in range(spec.eval_batches)]
         return sum(losses) / len(losses)
 
     writer = MetricsWriter(os.path.join(spec.out_dir, "metrics.jsonl"), append=bool(spec.load)) if rank == 0 else None
@@ -149,7 +154,6 @@ def _train(rank, layout, pgs, spec: JobSpec, tensor_parallel) -> dict | None:
     records = []
     dropped_shown = "-"
     moe_metrics = MoEMetrics(chunks)
-    eval_round = 0
     tokens_per_step = spec.global_batch * spec.seq_length
     try:
         for step in range(start, start + spec.steps):
@@ -164,11 +168,13 @@ def _train(rank, layout, pgs, spec: JobSpec, tensor_parallel) -> dict | None:
             moe = moe_metrics.collect(pgs) if logging_step else None
             valid = None
             if (spec.eval_interval and (step + 1) % spec.eval_interval == 0) or last:
-                valid = validate(eval_round)
-                eval_round += 1
+                valid = validate()
             if spec.save and last:
                 checkpointing.save(spec.save, trainer.model, trainer.optimizer, pgs, config=config,
-                                   vocab_size=spec.vocab_size, extra={"iteration": step + 1, "layout": str(layout)})
+                                   vocab_size=spec.vocab_size,
+                                   extra={"iteration": step + 1, "layout": str(layout), "train_samples": train_samples,
+                                          "lr_decay_steps": spec.schedule.decay_steps,
+                                          "warmup_steps": spec.schedule.warmup_steps})
             if rank == 0:
                 record = dict(step=step, loss=result.loss, grad_norm=result.grad_norm, lr=result.lr,
                               tokens_per_s=tokens_per_step / elapsed, step_time_s=elapsed,

@@ -5,8 +5,8 @@ One JSON object per line:
   moe: {layer (1-based global layer number): {tokens_per_expert, dropped_fraction, max_over_mean_load,
         bytes_sent: {collective: bytes}}}
 MoE figures cover every micro-batch of the step (the whole global batch): tokens per expert after
-dropping, summed over data-parallel replicas; bytes each collective kind sent, summed over every rank
-of the layer's pipeline stage (forward, and the backward of all but the last micro-batch).
+dropping, summed over data-parallel replicas; bytes each collective kind sent (forward and backward,
+e.g. `dispatcher.all_to_all_v.backward`), summed over every rank of the layer's pipeline stage.
 """
 
 from __future__ import annotations
@@ -37,24 +37,48 @@ class MoEMetrics:
         self._armed = False
         self._acc: dict[int, dict] = {}
         for layer in self.layers:
+            layer.register_forward_pre_hook(self._before_forward)
             layer.register_forward_hook(self._after_forward)
 
     def arm(self) -> None:
         self._armed, self._acc = True, {}
+        for layer in self.layers:  # what earlier steps sent is not this step's
+            for _, counter in self._counters(layer):
+                counter.reset()
+
+    @staticmethod
+    def _counters(layer):
+        return {"router": layer.router.comm_counter, "dispatcher": layer.token_dispatcher.comm_counter}.items()
+
+    def _entry(self, layer) -> dict:
+        return self._acc.setdefault(layer.layer_number, {"before": 0.0, "after": None, "bytes_sent": {}})
+
+    def _harvest_bytes(self, layer) -> None:
+        """Add what the layer's counters hold to the step's bytes. Each forward resets the counters,
+        and backward passes of earlier micro-batches record into them between forwards, so they are
+        read before every forward and once more when the step ends."""
+        sent = self._entry(layer)["bytes_sent"]
+        for source, counter in self._counters(layer):
+            for kind, n in counter.bytes_sent.items():
+                sent[f"{source}.{kind}"] = sent.get(f"{source}.{kind}", 0) + n
+
+    def _before_forward(self, module, args) -> None:
+        if self._armed and torch.is_grad_enabled():
+            self._harvest_bytes(module)
 
     def _after_forward(self, module, inputs, output) -> None:
         if not self._armed or not torch.is_grad_enabled():  # training forwards only, not validation
             return
         before, after = module.router.token_counts()
-        sent = module.metrics().bytes_sent
-        acc = self._acc.setdefault(module.layer_number, {"before": 0.0, "after": None, "bytes_sent": {}})
+        acc = self._entry(module)
         acc["before"] += float(before.sum())
         acc["after"] = after.clone() if acc["after"] is None else acc["after"] + after
-        for kind, n in sent.items():
-            acc["bytes_sent"][kind] = acc["bytes_sent"].get(kind, 0) + n
 
     def collect(self, pg_collection) -> dict[str, dict] | None:
         """Collective over the world: the armed step's figures per layer on rank 0 (None elsewhere)."""
+        for layer in self.layers:
+            if layer.layer_number in self._acc:
+                self._harvest_bytes(layer)  # the last micro-batch's forward and the backwards since
         self._armed = False
         first_of_replica = pg_collection.tp_cp.rank() == 0  # one token report per data-parallel replica
         mine = [(layer, first_of_replica, acc["before"], [int(t) for t in acc["after"].tolist()], acc["bytes_sent"])

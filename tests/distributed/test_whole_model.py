@@ -20,11 +20,12 @@ import os
 import pytest
 import torch
 from megatron.core import tensor_parallel
+from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.moe.moe_layer import MoELayer
 
 from megatron_fold import FoldedLayout, checkpointing, models, parallel_state
 from megatron_fold.moe.layer import FoldMoELayer
-from megatron_fold.portable.norm import SequenceParallelNorm  # noqa: F401  (the class under the control)
+from megatron_fold.portable.attention import ContextParallelDotProductAttention
 from megatron_fold.testing import whole_model as wm
 from megatron_fold.testing.multirank import run_on_ranks
 
@@ -70,12 +71,12 @@ def _setup(world_size, layout_kwargs):
     return layout, pgs, vpp
 
 
-def _build(family, mode, layout, pgs, vpp, *, drop_scope="sequence", fold=True):
+def _build(family, mode, layout, pgs, vpp, *, drop_scope="sequence", fold=True, portable_modules=True):
     shape = models.MODEL_FAMILIES[family]
     config = models.model_config(family, layout, virtual_pipeline_stages=vpp, calculate_per_token_loss=True,
                                  **MODES[mode])
     chunks = models.build_model(config, pgs, vocab_size=shape.vocab_size, seq_length=shape.seq_length,
-                                drop_scope=drop_scope, fold=fold)
+                                drop_scope=drop_scope, fold=fold, portable_modules=portable_modules)
     return config, chunks, wm.global_tokens(SEQUENCES, shape.seq_length, shape.vocab_size, seed=11)
 
 
@@ -87,8 +88,12 @@ def _reference(rank, world_size):
         for family in FAMILIES:
             for mode in MODES:
                 torch.manual_seed(5)  # the same initial weights for both modes of a family
-                config, chunks, tokens = _build(family, mode, layout, pgs, None, fold=False)
-                assert not any(isinstance(m, FoldMoELayer) for c in chunks for m in c.modules())
+                # Megatron's own everything: MoELayer, WrappedTorchNorm, DotProductAttention.
+                config, chunks, tokens = _build(family, mode, layout, pgs, None, fold=False, portable_modules=False)
+                modules = [m for c in chunks for m in c.modules()]
+                assert not any(isinstance(m, FoldMoELayer) for m in modules)
+                assert not any(isinstance(m, ContextParallelDotProductAttention) for m in modules)
+                assert any(type(m) is DotProductAttention for m in modules)
                 weights.setdefault(family, wm.full_weights(chunks))
                 wm.load_full_weights(chunks, weights[family], pgs)
                 results[family, mode] = wm.train(chunks, config, pgs, tokens, steps=STEPS)
