@@ -330,10 +330,11 @@ def run(args) -> int:
 def _agreement(runs: dict[str, list[dict]], drop_scope: str, rtol: float = 1e-5) -> list[str]:
     """How long the layouts' losses agree within `rtol`, and how far they part afterwards.
 
-    Layouts sum in different orders, so their fp32 results differ by rounding (~1e-7). That stays put
-    until some discrete choice sits within rounding of a tie (a token's top-k experts, or, with
-    dropping, which token an expert keeps) and goes the other way under one layout; from there the
-    two runs drift apart as any two fp32 runs of a chaotic optimisation do. A layout-dependent
+    Layouts sum in different orders, so their fp32 results differ by rounding (~1e-7). Training
+    amplifies such differences sooner or later: a discrete choice within rounding of a tie (a token's
+    top-k experts, or, with dropping, which token an expert keeps) goes the other way under one layout,
+    or Adam's normalised step turns a rounding-sized gradient into a full-size update. From there the
+    two runs drift apart as any two fp32 runs with different summation orders do. A layout-dependent
     computation (subsequence-scope dropping under TP or CP) differs from the first step instead.
     """
     losses = [[r["loss"] for r in records] for records in runs.values()]
@@ -345,8 +346,8 @@ def _agreement(runs: dict[str, list[dict]], drop_scope: str, rtol: float = 1e-5)
         lines.append(f"losses agree within {rtol:g} relative for steps 0-{len(agree) - 1} of {len(relative)} "
                      f"(largest difference there {max(agree):.1e}), drop scope {drop_scope}")
     if parted is not None:
-        why = ("fp32 rounding decided a near-tie routing or dropping choice differently, then training "
-               "amplified it") if parted > 0 else ("different from the first step, as subsequence-scope "
+        why = ("training amplified fp32 rounding differences (a routing or dropping choice within rounding "
+               "of a tie, or Adam's step on a near-zero gradient)") if parted > 0 else ("different from the first step, as subsequence-scope "
                                                     "dropping under TP or CP is (its drops depend on the layout)")
         lines.append(f"from step {parted} on they differ (largest difference {max(relative):.1e} relative): {why}")
     return lines
