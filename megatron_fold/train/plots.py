@@ -80,8 +80,10 @@ def plot_compare(runs: dict[str, list[dict]], path: str) -> str:
     for i, (name, records) in enumerate(runs.items()):
         ax.plot([r["step"] for r in records], [r["loss"] for r in records], styles[i % len(styles)], label=name)
     losses = [[r["loss"] for r in records] for records in runs.values()]
-    gap = max((max(col) - min(col) for col in zip(*losses)), default=0.0)
-    ax.set_title(f"same model, same batches: largest loss difference {gap:.2e}")
+    relative = [(max(col) - min(col)) / abs(min(col)) for col in zip(*losses)]
+    parted = next((i for i, d in enumerate(relative) if d > 1e-5), len(relative))
+    ax.set_title(f"same model, same batches: within 1e-5 for {parted} of {len(relative)} steps, "
+                 f"largest difference {max(relative, default=0.0):.1e}", fontsize="medium")
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats per token)")
     ax.legend()
