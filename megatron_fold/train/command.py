@@ -63,6 +63,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lr-decay-steps", type=int, default=None,
                    help="cosine decay horizon (default: --steps; give the whole run's length when resuming)")
     g.add_argument("--clip-grad", type=float, default=1.0)
+    g.add_argument("--plain-optimizer", action="store_true",
+                   help="Megatron's unsharded optimizer instead of the distributed one (a checkpoint resumes "
+                        "only with the kind it was saved with)")
     g.add_argument("--seed", type=int, default=1234)
     g.add_argument("--eval-interval", type=int, default=25)
     g.add_argument("--eval-batches", type=int, default=2)
@@ -142,6 +145,7 @@ def spec_from_args(args, layout_text: str, out_dir: str):
         out_dir=out_dir, data_prefix=args.data_path, tokenizer=args.tokenizer,
         cache_dir=os.path.join(args.data_cache, "index"), seed=args.seed, eval_interval=args.eval_interval,
         eval_batches=args.eval_batches, log_interval=args.log_interval, save=args.save, load=args.load,
+        distributed_optimizer=not args.plain_optimizer,
         progress=not args.no_progress, quiet=not args.show_warnings, title=layout_text)
 
 
@@ -223,6 +227,12 @@ def _check_checkpoint(spec, world_size: int, lr_decay_given: bool) -> None:
     config = models.model_config(spec.family, spec.folded_layout(world_size), virtual_pipeline_stages=spec.vpp,
                                  **spec.config_overrides)
     extra = checkpointing.check_model_shape(spec.load, config, spec.vocab_size).get("fold", {})
+    saved_kind = extra.get("distributed_optimizer")
+    if saved_kind is not None and saved_kind != spec.distributed_optimizer:
+        kind = {True: "the distributed optimizer", False: "the plain optimizer (--plain-optimizer)"}
+        raise ValueError(f"--load {spec.load} holds the state of {kind[saved_kind]}, but this run uses "
+                         f"{kind[spec.distributed_optimizer]}: Megatron cannot load one into the other; "
+                         f"{'drop' if spec.distributed_optimizer is False else 'add'} --plain-optimizer")
     if not lr_decay_given and extra.get("lr_decay_steps"):
         spec.schedule = dataclasses.replace(spec.schedule, decay_steps=extra["lr_decay_steps"],
                                             warmup_steps=extra.get("warmup_steps", spec.schedule.warmup_steps))

@@ -44,7 +44,9 @@ class JobSpec:
     eval_interval: int = 0            # 0: validate only at the end
     eval_batches: int = 2
     log_interval: int = 1             # MoE metrics every N steps (a small collective)
-    distributed_optimizer: bool | None = None  # None: when DP x CP > 1
+    # Megatron's distributed optimizer (sharded over DP x CP; one shard at DP x CP = 1), or the plain one.
+    # Always the same kind, whatever the layout: Megatron cannot load one kind's checkpoint into the other.
+    distributed_optimizer: bool = True
     save: str | None = None
     load: str | None = None
     init_checkpoint: str | None = None  # load model weights only (same initial weights across layouts)
@@ -103,8 +105,6 @@ def _train(rank, layout, pgs, spec: JobSpec, tensor_parallel) -> dict | None:
     if torch.cuda.is_available():
         chunks = [c.cuda() for c in chunks]
     dist_opt = spec.distributed_optimizer
-    if dist_opt is None:
-        dist_opt = pgs.dp_cp.size() > 1
     trainer = Trainer(chunks, config, pgs, distributed_optimizer=dist_opt, micro_batch_size=spec.mbs,
                       schedule=spec.schedule)
     start, stored_samples = 0, 0
@@ -173,6 +173,7 @@ def _train(rank, layout, pgs, spec: JobSpec, tensor_parallel) -> dict | None:
                 checkpointing.save(spec.save, trainer.model, trainer.optimizer, pgs, config=config,
                                    vocab_size=spec.vocab_size,
                                    extra={"iteration": step + 1, "layout": str(layout), "train_samples": train_samples,
+                                          "distributed_optimizer": dist_opt,
                                           "lr_decay_steps": spec.schedule.decay_steps,
                                           "warmup_steps": spec.schedule.warmup_steps})
             if rank == 0:

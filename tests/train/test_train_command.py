@@ -168,6 +168,9 @@ BAD = {
     "corrupt-index": (["--data-path", None], "is it a Megatron IndexedDataset?"),
     "repeated-key": (["--layout", "ep4,ep2"], "ep is given twice"),
     "other-model": (["--num-experts", "16", "--load", None], "holds another model (num_moe_experts: checkpoint 8, model 16"),
+    "other-optimizer": (["--layout", "ep2", "--ranks", "2", "--plain-optimizer", "--load", None],
+                        "holds the state of the distributed optimizer, but this run uses the plain optimizer"),
+    "existing-save": (["--save", None], "already exists; choose a new directory"),
 }
 
 
@@ -177,7 +180,7 @@ def test_bad_input_exits_2_before_any_rank_starts(case, cache, tmp_path, capsys,
     args = list(args)
     if case == "corrupt-index":
         args[1] = _corrupt_prefix(tmp_path)
-    if case == "other-model":
+    if case in ("other-model", "other-optimizer", "existing-save"):
         args[args.index(None)] = request.getfixturevalue("mixtral_checkpoint")
     started = time.monotonic()
     assert _train(cache, tmp_path / "out", "--ranks", "8", "--steps", "1", *args) == 2
