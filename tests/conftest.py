@@ -1,6 +1,11 @@
 """Heavy imports happen here, once, before any multi-rank test forks its ranks (see multirank.py)."""
 
+import os
 import warnings
+
+# Multi-rank tests fork their ranks; torch's default CUDA check initialises CUDA in this process, after
+# which no forked rank could use a GPU (MFOLD_TEST_DEVICE=cuda). The NVML-based check does not.
+os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
 
 warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
 warnings.filterwarnings("ignore", message=".*absl.logging is not installed.*")

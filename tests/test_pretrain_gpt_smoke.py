@@ -56,6 +56,7 @@ def test_fewer_gpus_says_what_it_skips(tmp_path):
     summary = (tmp_path / "summary.txt").read_text()
     assert r.returncode == 0 and not any("megatron_fold.pretrain_gpt" in c for c in commands)
     assert "SKIPPED (b)" in summary and "needs 8 GPUs, 2 available" in summary and "SKIPPED (c)" in summary
+    assert "SKIPPED (a) invariance tests: they need 8 GPUs, one per rank" in summary
     r, _ = _dry_run(tmp_path, 0)
     assert "SKIPPED (a)" in (tmp_path / "summary.txt").read_text()
 

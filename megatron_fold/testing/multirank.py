@@ -29,7 +29,7 @@ from multiprocessing.connection import wait
 import torch
 import torch.distributed as dist
 
-__all__ = ["run_on_ranks", "MultiRankFailure", "process_alive"]
+__all__ = ["run_on_ranks", "MultiRankFailure", "process_alive", "rank_device", "TEST_DEVICE_VARIABLE"]
 
 
 class MultiRankFailure(AssertionError):
@@ -116,14 +116,30 @@ def _kill(procs):
         p.join(timeout=10)
 
 
-def run_on_ranks(fn, world_size: int, *args, timeout: float | None = 120.0, backend: str = "gloo", **kwargs) -> list:
+TEST_DEVICE_VARIABLE = "MFOLD_TEST_DEVICE"
+
+
+def rank_device() -> torch.device:
+    """Where multi-rank tests put models and inputs: the CPU (gloo) by default; with
+    MFOLD_TEST_DEVICE=cuda (scripts/smoke_8gpu.sh), this rank's GPU (nccl)."""
+    kind = os.environ.get(TEST_DEVICE_VARIABLE, "cpu")
+    if kind not in ("cpu", "cuda"):
+        raise ValueError(f"{TEST_DEVICE_VARIABLE}={kind!r}: use cpu or cuda")
+    return torch.device("cuda", torch.cuda.current_device()) if kind == "cuda" else torch.device("cpu")
+
+
+def run_on_ranks(fn, world_size: int, *args, timeout: float | None = 120.0, backend: str | None = None,
+                 **kwargs) -> list:
     """Call `fn(rank, world_size, *args, **kwargs)` on `world_size` forked ranks.
 
     Returns the per-rank return values, indexed by rank. `fn` must be a module-level function or a
     closure; results must be picklable (CPU tensors are). `timeout=None` waits as long as the ranks
     run (a training job); a failing rank still stops every rank. `backend="nccl"` gives rank r the
-    GPU r (the parent must not have initialised CUDA before forking).
+    GPU r (the parent must not have initialised CUDA before forking); the default is nccl when
+    MFOLD_TEST_DEVICE=cuda, else gloo.
     """
+    if backend is None:
+        backend = "nccl" if os.environ.get(TEST_DEVICE_VARIABLE) == "cuda" else "gloo"
     ctx = mp.get_context("fork")
     # Rendezvous through a file in a fresh directory: no port to collide with the previous test, and
     # no store server thread in the parent (forking a process that runs threads can deadlock).

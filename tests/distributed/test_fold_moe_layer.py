@@ -20,7 +20,7 @@ import torch
 from megatron_fold import FoldedLayout, parallel_state
 from megatron_fold.specs import get_fold_moe_module_spec
 from megatron_fold.testing import moe_reference as ref
-from megatron_fold.testing.multirank import run_on_ranks
+from megatron_fold.testing.multirank import run_on_ranks, rank_device
 
 SEQ, BATCH, HIDDEN = 16, 2, 16
 
@@ -94,7 +94,7 @@ def _micro_batch(replica: int, cfg: dict):
     shape = (cfg.get("seq", SEQ), cfg.get("batch", BATCH), HIDDEN)
     x = torch.randn(*shape, generator=g)
     w = torch.randn(*shape, generator=g)  # loss = sum(out * w): a non-trivial output gradient
-    return x, w
+    return x.to(rank_device()), w.to(rank_device())
 
 
 def _build(cfg_kwargs, layout, pgs, weights):
@@ -105,12 +105,17 @@ def _build(cfg_kwargs, layout, pgs, weights):
     config = ref.make_moe_config(layout=layout, hidden_size=HIDDEN, shared_expert=shared, swiglu=swiglu,
                                  **cfg_kwargs)
     builder = get_fold_moe_module_spec(use_te=False, num_experts=config.num_moe_experts, drop_scope=drop_scope)
-    layer = builder(config=config, pg_collection=pgs)
+    layer = builder(config=config, pg_collection=pgs).to(rank_device())
     layer.set_layer_number(1)
     if weights is None:
         weights = ref.full_moe_weights(config, seed=7)
     ref.load_full_weights(layer, weights, pgs)
     return layer, weights
+
+
+def _to_cpu(tensors: dict) -> dict:
+    """Results cross processes on the CPU (the parent must not touch CUDA in the 8-GPU smoke test)."""
+    return {k: v.cpu() for k, v in tensors.items()}
 
 
 def _run(layer, x, w):
@@ -134,7 +139,7 @@ def _single_rank(rank, world_size, num_replicas):
                 layer.zero_grad()
                 x, w = _micro_batch(replica, cfg)
                 out, gx = _run(layer, x, w)
-                per_batch.append((out, gx, ref.gather_full_grads(layer, pgs), layer.metrics()))
+                per_batch.append((out.cpu(), gx.cpu(), _to_cpu(ref.gather_full_grads(layer, pgs)), layer.metrics()))
             results.append((weights, per_batch))
         return results
     finally:
@@ -153,7 +158,7 @@ def _multi_rank(rank, world_size, layout_kwargs, reference):
             x, w = _micro_batch(replica, cfg)
             # Megatron's own CP split and torch.chunk over TP, not megatron_fold.moe.token_order (the router's).
             shard = lambda t: ref.shard_like_megatron(t, pgs.tp.rank(), pgs.tp.size(), pgs.cp)  # noqa: E731
-            positions = shard(torch.arange(x.shape[0])[:, None])[:, 0]  # sequence positions of this rank's rows
+            positions = shard(torch.arange(x.shape[0], device=x.device)[:, None])[:, 0].cpu()  # this rank's rows
             out, gx = _run(layer, shard(x), shard(w))
             # Determinism: a second layer from the same weights and inputs gives bitwise the same output,
             # input gradient and parameter gradients.
@@ -167,7 +172,8 @@ def _multi_rank(rank, world_size, layout_kwargs, reference):
             # Rows this rank's experts received, and rows it sent to experts (padding excluded here).
             traffic = (int(layer.token_dispatcher.last_tokens_per_local_expert.sum()),
                        sum(layer.token_dispatcher._send))
-            results.append((out, gx, ref.gather_full_grads(layer, pgs), layer.metrics(), positions, traffic))
+            results.append((out.cpu(), gx.cpu(), _to_cpu(ref.gather_full_grads(layer, pgs)), layer.metrics(), positions,
+                            traffic))
         return results
     finally:
         parallel_state.destroy_model_parallel()

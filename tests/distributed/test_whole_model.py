@@ -27,7 +27,7 @@ from megatron_fold import FoldedLayout, checkpointing, models, parallel_state
 from megatron_fold.moe.layer import FoldMoELayer
 from megatron_fold.portable.attention import ContextParallelDotProductAttention
 from megatron_fold.testing import whole_model as wm
-from megatron_fold.testing.multirank import run_on_ranks
+from megatron_fold.testing.multirank import run_on_ranks, rank_device
 
 W = 8
 STEPS = 4
@@ -77,6 +77,7 @@ def _build(family, mode, layout, pgs, vpp, *, drop_scope="sequence", fold=True, 
                                  **MODES[mode])
     chunks = models.build_model(config, pgs, vocab_size=shape.vocab_size, seq_length=shape.seq_length,
                                 drop_scope=drop_scope, fold=fold, portable_modules=portable_modules)
+    chunks = [c.to(rank_device()) for c in chunks]  # the CPU, or this rank's GPU in the 8-GPU smoke test
     return config, chunks, wm.global_tokens(SEQUENCES, shape.seq_length, shape.vocab_size, seed=11)
 
 

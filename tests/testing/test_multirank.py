@@ -90,3 +90,13 @@ def test_ranks_die_with_a_killed_parent(tmp_path):
     while any(process_alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not any(process_alive(p) for p in pids)
+
+
+def test_rank_device_follows_mfold_test_device(monkeypatch):
+    from megatron_fold.testing.multirank import rank_device
+
+    monkeypatch.delenv("MFOLD_TEST_DEVICE", raising=False)
+    assert rank_device() == torch.device("cpu")
+    monkeypatch.setenv("MFOLD_TEST_DEVICE", "tpu")
+    with pytest.raises(ValueError, match="MFOLD_TEST_DEVICE='tpu': use cpu or cuda"):
+        rank_device()
