@@ -55,7 +55,7 @@ def full_weights(chunks: list[torch.nn.Module]) -> dict[str, torch.Tensor]:
         chunk = _unwrap(chunk)
         names = _global_names(chunk)
         for name, param in chunk.named_parameters():
-            weights[names[name]] = param.detach().clone()
+            weights[names[name]] = param.detach().cpu().clone()  # CPU: it crosses processes
     return weights
 
 
