@@ -24,6 +24,7 @@ import shutil
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
+from megatron.core.utils import unwrap_model
 
 __all__ = ["save", "load", "check_model_shape", "CheckpointMismatch", "MODEL_SHAPE_FIELDS"]
 
@@ -53,17 +54,12 @@ def _sharded_state_dict(model, optimizer, pg_collection, *, is_loading: bool) ->
         metadata["distrib_optim_sharding_type"] = "fully_reshardable"
     # One entry per model chunk: the ShardedTensor keys are global (layer numbers include the pipeline
     # offset), so chunks of different pipeline / virtual-stage splits meet by key, not by position.
-    state = {"model": {f"chunk{i}": _bare(chunk).sharded_state_dict(metadata=metadata) for i, chunk in enumerate(model)}}
+    # The bare models: Megatron's DDP wrapper would prefix every key with `module.`.
+    state = {"model": {f"chunk{i}": chunk.sharded_state_dict(metadata=metadata)
+                       for i, chunk in enumerate(unwrap_model(model))}}
     if optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=is_loading, metadata=metadata)
     return state
-
-
-def _bare(chunk):
-    """The model inside Megatron's DDP wrapper (whose own state dict keys carry a `module.` prefix)."""
-    from megatron.core.distributed.data_parallel_base import _BaseDataParallel
-
-    return chunk.module if isinstance(chunk, _BaseDataParallel) else chunk
 
 
 def _is_distributed_optimizer(optimizer) -> bool:
@@ -186,8 +182,8 @@ def load(directory: str, model: list, optimizer, pg_collection, *, config, vocab
         _materialize_distributed_optimizer_state(optimizer)
     state = _sharded_state_dict(model, optimizer, pg_collection, is_loading=True)
     loaded = dist_checkpointing.load(state, directory)
-    for i, chunk in enumerate(model):
-        _bare(chunk).load_state_dict(loaded["model"][f"chunk{i}"])
+    for i, chunk in enumerate(unwrap_model(model)):
+        chunk.load_state_dict(loaded["model"][f"chunk{i}"])
     if optimizer is not None:
         with _step_kept_apart(optimizer):
             optimizer.load_state_dict(loaded["optimizer"])

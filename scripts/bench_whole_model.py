@@ -29,6 +29,7 @@ from megatron_fold import FoldedLayout, cpu, models, parallel_state  # noqa: E40
 from megatron_fold.plan.command import parse_layout  # noqa: E402
 from megatron_fold.testing import whole_model as wm  # noqa: E402
 from megatron_fold.testing.multirank import run_on_ranks  # noqa: E402
+from megatron_fold.train.job import folded_layout  # noqa: E402
 
 WORLD = 8
 SEQUENCES = 16
@@ -79,7 +80,8 @@ def main() -> None:
         cpu.enable_cpu_mode()
     print(f"{'layout':<16} {'model':<16} {'ours/megatron':>13} {'ours ms':>9} {'megatron ms':>11}  loss ours / megatron")
     for text in args.layouts:
-        layout_kwargs = {k: v for k, v in parse_layout(text).items() if k in ("tp", "cp", "pp", "ep", "etp")}
+        layout = folded_layout(WORLD, parse_layout(text))
+        layout_kwargs = dict(tp=layout.tp, cp=layout.cp, pp=layout.pp, ep=layout.ep, etp=layout.etp)
         for family in args.families:
             per_rank = run_on_ranks(_rank, WORLD, layout_kwargs, family, args.steps, timeout=900)
             # A step ends when its slowest rank ends: take the max over ranks of each step.

@@ -22,7 +22,6 @@ import types
 
 def main(megatron_lm: str) -> int:
     sys.path.insert(0, os.path.abspath(megatron_lm))
-    sys.path.insert(1, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
     import torch
 
     if not torch.cuda.is_available():  # validate_args asks the device for its architecture

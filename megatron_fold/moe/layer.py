@@ -134,9 +134,14 @@ class FoldMoELayer(MoELayer):
 
     def forward(self, hidden_states: torch.Tensor, intermediate_tensors=None, padding_mask=None):
         # Counters describe the latest iteration: this forward and the backward that follows it.
-        self.router.comm_counter.reset()
-        self.token_dispatcher.comm_counter.reset()
+        for counter in self.comm_counters().values():
+            counter.reset()
         return super().forward(hidden_states, intermediate_tensors, padding_mask)
+
+    def comm_counters(self) -> dict:
+        """The counters of the collectives this layer issues, by source ("router", "dispatcher"); a
+        collective kind is reported as "<source>.<kind>". Each forward resets them."""
+        return {"router": self.router.comm_counter, "dispatcher": self.token_dispatcher.comm_counter}
 
     def metrics(self) -> MoELayerMetrics:
         """Routing and communication of the latest forward (+ backward, once it has run).
@@ -147,7 +152,7 @@ class FoldMoELayer(MoELayer):
         training path.
         """
         calls, sent = {}, {}
-        for source, counter in (("router", self.router.comm_counter), ("dispatcher", self.token_dispatcher.comm_counter)):
+        for source, counter in self.comm_counters().items():
             for kind, n in counter.calls.items():
                 calls[f"{source}.{kind}"] = n
                 sent[f"{source}.{kind}"] = counter.bytes_sent[kind]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 from megatron.core.transformer.moe.moe_layer import MoELayer
+from megatron.core.utils import unwrap_model
 
 from megatron_fold.train.loop import StepResult, Trainer, micro_batches
 
@@ -51,18 +52,11 @@ def _global_names(chunk: torch.nn.Module) -> dict[str, str]:
 def full_weights(chunks: list[torch.nn.Module]) -> dict[str, torch.Tensor]:
     """Every parameter of a single-rank model (TP = CP = EP = ETP = PP = 1), by its global name."""
     weights = {}
-    for chunk in chunks:
-        chunk = _unwrap(chunk)
+    for chunk in unwrap_model(chunks):
         names = _global_names(chunk)
         for name, param in chunk.named_parameters():
             weights[names[name]] = param.detach().cpu().clone()  # CPU: it crosses processes
     return weights
-
-
-def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
-    while hasattr(module, "module") and isinstance(module.module, torch.nn.Module):
-        module = module.module
-    return module
 
 
 def _is_glu_fc1(name: str, config) -> bool:
@@ -76,8 +70,7 @@ def load_full_weights(chunks: list[torch.nn.Module], weights: dict[str, torch.Te
     """
     count = 0
     with torch.no_grad():
-        for chunk in chunks:
-            chunk = _unwrap(chunk)
+        for chunk in unwrap_model(chunks):
             names = _global_names(chunk)
             for name, param in chunk.named_parameters():
                 full_name = names[name]

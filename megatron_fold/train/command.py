@@ -149,17 +149,22 @@ def spec_from_args(args, layout_text: str, out_dir: str):
         progress=not args.no_progress, quiet=not args.show_warnings, title=layout_text)
 
 
+def _world_size(args) -> int:
+    return int(os.environ["WORLD_SIZE"]) if _under_torchrun() else args.ranks
+
+
 def _common_micro_batch(args) -> int:
     """The largest micro-batch every layout of this run can use with at least PP micro-batches per
     replica (1 without pipelining), or 1. One size for all compared layouts matters: Megatron computes
     the aux loss per micro-batch, so micro-batches of other sizes give other gradients; with one size
     and contiguous DP shares, every layout groups the same sequences into micro-batches."""
-    world = int(os.environ["WORLD_SIZE"]) if _under_torchrun() else args.ranks
+    from megatron_fold.train.job import folded_layout
+
     shapes = []
     for text in args.compare_layouts or [args.layout]:
         layout = _parse_layout(text)
         try:
-            dp = FoldedLayout(world, **{k: v for k, v in layout.items() if k in ("tp", "cp", "pp", "ep", "etp")}).dp
+            dp = folded_layout(_world_size(args), layout).dp
         except LayoutError:
             return 1  # check_spec reports the layout itself
         if args.global_batch % dp:
@@ -297,7 +302,7 @@ def run(args) -> int:
     layouts = args.compare_layouts or [args.layout]
     if args.compare_layouts and args.load:
         raise ValueError("--compare-layouts starts every layout from the same initial weights; drop --load")
-    world = int(os.environ["WORLD_SIZE"]) if _under_torchrun() else args.ranks
+    world = _world_size(args)
     names = [text.replace(",", "-") for text in layouts]
     if len(set(names)) != len(names):
         raise ValueError(f"--compare-layouts: a layout is repeated ({' '.join(layouts)})")
@@ -347,18 +352,19 @@ def _agreement(runs: dict[str, list[dict]], drop_scope: str, rtol: float = 1e-5)
     two runs drift apart as any two fp32 runs with different summation orders do. A layout-dependent
     computation (subsequence-scope dropping under TP or CP) differs from the first step instead.
     """
-    losses = [[r["loss"] for r in records] for records in runs.values()]
-    relative = [(max(col) - min(col)) / abs(min(col)) for col in zip(*losses)]
-    parted = next((i for i, d in enumerate(relative) if d > rtol), None)
-    agree = relative if parted is None else relative[:parted]
+    from megatron_fold.train.metrics import loss_agreement
+
+    relative, parted = loss_agreement(runs, rtol)
+    agree = relative[:parted]
     lines = []
     if agree:
         lines.append(f"losses agree within {rtol:g} relative for steps 0-{len(agree) - 1} of {len(relative)} "
                      f"(largest difference there {max(agree):.1e}), drop scope {drop_scope}")
-    if parted is not None:
+    if parted < len(relative):
         why = ("training amplified fp32 rounding differences (a routing or dropping choice within rounding "
-               "of a tie, or Adam's step on a near-zero gradient)") if parted > 0 else ("different from the first step, as subsequence-scope "
-                                                    "dropping under TP or CP is (its drops depend on the layout)")
+               "of a tie, or Adam's step on a near-zero gradient)" if parted > 0 else
+               "different from the first step, as subsequence-scope dropping under TP or CP is (its drops "
+               "depend on the layout)")
         lines.append(f"from step {parted} on they differ (largest difference {max(relative):.1e} relative): {why}")
     return lines
 

@@ -20,7 +20,7 @@ from megatron_fold.train import data as data_mod
 from megatron_fold.train.loop import Schedule, Trainer
 from megatron_fold.train.metrics import MetricsWriter, MoEMetrics
 
-__all__ = ["JobSpec", "run_job"]
+__all__ = ["JobSpec", "folded_layout", "run_job"]
 
 
 @dataclasses.dataclass
@@ -65,7 +65,12 @@ class JobSpec:
         return vpp if vpp > 1 else None
 
     def folded_layout(self, world_size: int) -> FoldedLayout:
-        return FoldedLayout(world_size, **{k: v for k, v in self.layout.items() if k in ("tp", "cp", "pp", "ep", "etp")})
+        return folded_layout(world_size, self.layout)
+
+
+def folded_layout(world_size: int, layout: dict) -> FoldedLayout:
+    """The FoldedLayout of a `--layout` dictionary (its vpp and mbs keys are not grid sizes)."""
+    return FoldedLayout(world_size, **{k: v for k, v in layout.items() if k in ("tp", "cp", "pp", "ep", "etp")})
 
 
 def _grids(layout: FoldedLayout) -> str:
@@ -132,11 +137,8 @@ def _train(rank, layout, pgs, spec: JobSpec, tensor_parallel) -> dict | None:
     datasets = data_mod.build_datasets(
         spec.data_prefix, tokenizer, seq_length=spec.seq_length, train_samples=train_samples,
         valid_samples=max(spec.eval_batches * spec.global_batch, 1), seed=spec.seed, cache_dir=spec.cache_dir)
-    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-
-    def batch(dataset, index):
-        tokens, mask = data_mod.global_batch(dataset, index, spec.global_batch)
-        return tokens.to(device), mask.to(device)
+    def batch(dataset, index):  # on the CPU; Trainer moves it to the model's device
+        return data_mod.global_batch(dataset, index, spec.global_batch)
 
     def validate() -> float | None:
         """The same validation batches every time, so the validation curve compares like with like."""

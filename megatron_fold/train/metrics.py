@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from megatron_fold.moe.layer import FoldMoELayer
 
-__all__ = ["RECORD_KEYS", "MoEMetrics", "MetricsWriter", "read_metrics"]
+__all__ = ["RECORD_KEYS", "MoEMetrics", "MetricsWriter", "loss_agreement", "read_metrics"]
 
 RECORD_KEYS = ("step", "loss", "grad_norm", "lr", "tokens_per_s", "step_time_s", "moe")
 
@@ -43,12 +43,8 @@ class MoEMetrics:
     def arm(self) -> None:
         self._armed, self._acc = True, {}
         for layer in self.layers:  # what earlier steps sent is not this step's
-            for _, counter in self._counters(layer):
+            for counter in layer.comm_counters().values():
                 counter.reset()
-
-    @staticmethod
-    def _counters(layer):
-        return {"router": layer.router.comm_counter, "dispatcher": layer.token_dispatcher.comm_counter}.items()
 
     def _entry(self, layer) -> dict:
         return self._acc.setdefault(layer.layer_number, {"before": 0.0, "after": None, "bytes_sent": {}})
@@ -58,7 +54,7 @@ class MoEMetrics:
         and backward passes of earlier micro-batches record into them between forwards, so they are
         read before every forward and once more when the step ends."""
         sent = self._entry(layer)["bytes_sent"]
-        for source, counter in self._counters(layer):
+        for source, counter in layer.comm_counters().items():
             for kind, n in counter.bytes_sent.items():
                 sent[f"{source}.{kind}"] = sent.get(f"{source}.{kind}", 0) + n
 
@@ -122,6 +118,15 @@ class MetricsWriter:
 
     def close(self) -> None:
         self._f.close()
+
+
+def loss_agreement(runs: dict[str, list[dict]], rtol: float = 1e-5) -> tuple[list[float], int]:
+    """Per step, the relative spread of the compared runs' losses, and the first step whose spread
+    exceeds `rtol` (the number of steps when none does)."""
+    losses = [[r["loss"] for r in records] for records in runs.values()]
+    relative = [(max(col) - min(col)) / abs(min(col)) for col in zip(*losses)]
+    parted = next((i for i, d in enumerate(relative) if d > rtol), len(relative))
+    return relative, parted
 
 
 def read_metrics(path: str) -> list[dict]:

@@ -8,6 +8,8 @@ matplotlib.use("Agg")  # files only; a training node has no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy  # noqa: E402
 
+from megatron_fold.train.metrics import loss_agreement  # noqa: E402
+
 __all__ = ["plot_loss", "plot_expert_load", "plot_drop_fraction", "plot_compare", "plot_all"]
 
 
@@ -79,9 +81,7 @@ def plot_compare(runs: dict[str, list[dict]], path: str) -> str:
     styles = ["-", "--", ":", "-."]
     for i, (name, records) in enumerate(runs.items()):
         ax.plot([r["step"] for r in records], [r["loss"] for r in records], styles[i % len(styles)], label=name)
-    losses = [[r["loss"] for r in records] for records in runs.values()]
-    relative = [(max(col) - min(col)) / abs(min(col)) for col in zip(*losses)]
-    parted = next((i for i, d in enumerate(relative) if d > 1e-5), len(relative))
+    relative, parted = loss_agreement(runs, rtol=1e-5)
     ax.set_title(f"same model, same batches: within 1e-5 for {parted} of {len(relative)} steps, "
                  f"largest difference {max(relative, default=0.0):.1e}", fontsize="medium")
     ax.set_xlabel("step")
