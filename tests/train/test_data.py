@@ -6,7 +6,8 @@ import os
 
 import numpy
 import pytest
-from megatron.core.datasets.indexed_dataset import IndexedDataset
+import torch
+from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
 
 from megatron_fold.cli import main
 from megatron_fold.train import data
@@ -70,6 +71,24 @@ def test_dataset_with_ids_beyond_the_vocabulary_is_refused(corpus, tmp_path):
     prefix = data.build_indexed_dataset(str(tmp_path / "bytes"), corpus[:3], data.ByteTokenizer())
     with pytest.raises(data.DataError, match="outside the tokenizer's vocabulary of 100"):
         data.check_indexed_dataset(prefix, vocab_size=100)
+
+
+@pytest.mark.parametrize("largest,vocab_size,refused", [(99, 100, False), (100, 100, True), (0, 1, False),
+                                                          (1, 1, True)])
+def test_vocabulary_check_at_the_boundary(tmp_path, largest, vocab_size, refused):
+    """Ids run 0 .. vocab - 1: the largest id equal to vocab - 1 is in, equal to vocab is out. The dataset
+    is written with Megatron's own builder (not build_indexed_dataset), its largest id known by construction."""
+    prefix = str(tmp_path / "ids")
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=numpy.uint16)
+    document = [largest, 0, largest // 2, largest]  # the largest id at both ends of the file
+    builder.add_document(torch.tensor(document, dtype=torch.int64), [len(document)])
+    builder.finalize(prefix + ".idx")
+    if refused:
+        with pytest.raises(data.DataError, match=f"token id {largest} is outside the tokenizer's vocabulary of "
+                                                 f"{vocab_size}"):
+            data.check_indexed_dataset(prefix, vocab_size)
+    else:
+        assert data.check_indexed_dataset(prefix, vocab_size) == len(document)
 
 
 def test_default_corpus_is_the_standard_library():
