@@ -1,7 +1,8 @@
 """Megatron's MoE flags on one rank: refused ones name the flag, accepted ones take effect or say why not.
 
 - validate_fold_moe_config refuses each option FoldMoELayer cannot run, naming the flag and its value,
-  and lists every refused flag at once.
+  and lists every refused flag at once. FLAG_ROWS holds every refusal and acceptance of docs/moe_flags.md,
+  both sides of each condition, one row each (the reference is the documented table, not flags.py).
 - Flags that change only how (not what) is computed give equal outputs and gradients on vs off:
   shared-expert overlap (Megatron's overlapped stages driven by FlexFoldDispatcher; and the inline
   fallback where no side stream exists), router and permute fusion (portable path on CPU, with a
@@ -13,12 +14,14 @@
 """
 
 import warnings
+from typing import NamedTuple
 
 import pytest
 import torch
 from megatron.core import tensor_parallel
 from megatron.core.transformer.moe.moe_logging import destroy_moe_metrics_tracker
 from megatron.core.transformer.moe.moe_utils import RandomSTEShared
+from megatron.core.transformer.enums import CudaGraphModule
 from megatron.core.transformer.moe.router import TopKRouter
 
 from megatron_fold import FoldedLayout, parallel_state
@@ -42,51 +45,167 @@ def _config(**overrides):
     return config
 
 
-# ---- refusals ------------------------------------------------------------------------------------------
+# ---- the decision table: every refusal and acceptance of docs/moe_flags.md, both sides of each condition --
 
-REFUSED = {
-    "flex": (dict(moe_token_dispatcher_type="flex"), "moe_token_dispatcher_type='flex'"),
-    "padding-for-quantization": (dict(moe_router_padding_for_quantization=True),
-                                 "moe_router_padding_for_quantization=True"),
-    "ep-overlap": (dict(overlap_moe_expert_parallel_comm=True), "overlap_moe_expert_parallel_comm=True"),
-    "wgrad-overlap": (dict(overlap_dispatch_backward_with_experts_wgrad=True),
-                      "overlap_dispatch_backward_with_experts_wgrad=True"),
-    "inference": (dict(transformer_impl="inference_optimized"), "transformer_impl='inference_optimized'"),
-    "cuda-graph": (dict(cuda_graph_impl="local", cuda_graph_modules=["moe_router"]), "cuda_graph_impl='local'"),
-    "paged-stash": (dict(moe_paged_stash=True), "moe_paged_stash=True"),
-    "latent-overlap": (dict(moe_shared_expert_intermediate_size=16, moe_shared_expert_overlap=True, moe_latent_size=8),
-                       "moe_shared_expert_overlap=True with moe_latent_size=8"),
-    "quantile-aux": (dict(moe_router_load_balancing_type="quantile_balancing", moe_aux_loss_coeff=0.01),
-                     "moe_aux_loss_coeff=0.01"),
-    "quantile-groups": (dict(moe_router_load_balancing_type="quantile_balancing", moe_router_num_groups=2,
-                             moe_router_group_topk=1), "moe_router_num_groups=2"),
-    "quantile-fusion": (dict(moe_router_load_balancing_type="quantile_balancing", moe_router_fusion=True),
-                        "'quantile_balancing' with moe_router_fusion=True"),
-    "capacity": (dict(moe_expert_capacity_factor=-1.0), "moe_expert_capacity_factor must be positive"),
-    "pad-without-capacity": (dict(moe_pad_expert_input_to_capacity=True),
-                             "moe_pad_expert_input_to_capacity=True needs moe_expert_capacity_factor"),
+ACCEPTED = None
+
+
+class Row(NamedTuple):
+    """flags set on a valid one-rank config (after construction: Megatron's own checks are not ours), the
+    text the refusal must contain (the flag and its value) or ACCEPTED, and the machine validate sees."""
+
+    flags: dict
+    refusal: str | None
+    machine: str = "cpu"  # "cpu", or "cuda-without-te" / "cuda-with-te" (CUDA present, TE's MoE kernels not / so)
+
+
+SHARED = dict(moe_shared_expert_intermediate_size=16)
+# One line per row; a new refusal adds its row and the row of its accepted neighbour.
+FLAG_ROWS = {
+    # the dispatcher
+    "dispatcher-flex": Row(dict(moe_token_dispatcher_type="flex"), "moe_token_dispatcher_type='flex'"),
+    "dispatcher-deepep": Row(dict(moe_token_dispatcher_type="alltoall", moe_enable_deepep=True),
+                             "moe_enable_deepep=True"),
+    "dispatcher-alltoall": Row(dict(moe_token_dispatcher_type="alltoall"), ACCEPTED),
+    "dispatcher-allgather": Row(dict(moe_token_dispatcher_type="allgather"), ACCEPTED),
+    "rank-capacity-factor": Row(dict(moe_expert_rank_capacity_factor=1.5), "moe_expert_rank_capacity_factor=1.5"),
+    "rank-capacity-factor-unset": Row(dict(moe_expert_rank_capacity_factor=None, moe_paged_stash=False), ACCEPTED),
+    "paged-stash": Row(dict(moe_paged_stash=True), "moe_paged_stash=True"),
+    "padding-for-quantization": Row(dict(moe_router_padding_for_quantization=True),
+                                    "moe_router_padding_for_quantization=True"),
+    "padding-for-fp8": Row(dict(moe_router_padding_for_fp8=True), "moe_router_padding_for_fp8"),
+    "padding-off": Row(dict(moe_router_padding_for_quantization=False, moe_router_padding_for_fp8=False), ACCEPTED),
+    # overlap and capture schemes built around Megatron's own dispatchers
+    "ep-overlap": Row(dict(overlap_moe_expert_parallel_comm=True), "overlap_moe_expert_parallel_comm=True"),
+    "delay-wgrad": Row(dict(delay_wgrad_compute=True), "delay_wgrad_compute=True"),
+    "wgrad-overlap": Row(dict(overlap_dispatch_backward_with_experts_wgrad=True),
+                         "overlap_dispatch_backward_with_experts_wgrad=True"),
+    "overlaps-off": Row(dict(overlap_moe_expert_parallel_comm=False, delay_wgrad_compute=False,
+                             overlap_dispatch_backward_with_experts_wgrad=False), ACCEPTED),
+    "inference-optimized": Row(dict(transformer_impl="inference_optimized"), "transformer_impl='inference_optimized'"),
+    "inference-padding": Row(dict(moe_pad_experts_for_cuda_graph_inference=True),
+                             "moe_pad_experts_for_cuda_graph_inference=True"),
+    "impl-local": Row(dict(transformer_impl="local", moe_pad_experts_for_cuda_graph_inference=False), ACCEPTED),
+    "impl-te": Row(dict(transformer_impl="transformer_engine"), ACCEPTED),
+    "cuda-graph-router": Row(dict(cuda_graph_impl="local", cuda_graph_modules=["moe_router"]),
+                             "cuda_graph_impl='local'"),
+    "cuda-graph-moe": Row(dict(cuda_graph_impl="transformer_engine", cuda_graph_modules=["attn", "moe"]),
+                          "cuda_graph_impl='transformer_engine'"),
+    "cuda-graph-preprocess-enum": Row(dict(cuda_graph_impl="local",
+                                           cuda_graph_modules=[CudaGraphModule.moe_preprocess]),
+                                      "cuda_graph_impl='local'"),
+    "cuda-graph-whole-layer": Row(dict(cuda_graph_impl="local", cuda_graph_modules=[]), "cuda_graph_modules=[]"),
+    "cuda-graph-full": Row(dict(cuda_graph_impl="local", cuda_graph_modules="full"), "cuda_graph_modules='full'"),
+    "cuda-graph-iteration": Row(dict(cuda_graph_impl="full_iteration", cuda_graph_modules=[]),
+                                "cuda_graph_impl='full_iteration'"),
+    "cuda-graph-attn-mlp": Row(dict(cuda_graph_impl="local", cuda_graph_modules=["attn", "mlp"]), ACCEPTED),
+    "cuda-graph-attn-enum": Row(dict(cuda_graph_impl="transformer_engine", cuda_graph_modules=[CudaGraphModule.attn]),
+                                ACCEPTED),
+    "cuda-graph-none": Row(dict(cuda_graph_impl="none", cuda_graph_modules=["moe"]), ACCEPTED),
+    "latent-overlap": Row(dict(**SHARED, moe_shared_expert_overlap=True, moe_latent_size=8),
+                          "moe_shared_expert_overlap=True with moe_latent_size=8"),
+    "latent-no-overlap": Row(dict(**SHARED, moe_latent_size=8), ACCEPTED),
+    "shared-expert-overlap": Row(dict(**SHARED, moe_shared_expert_overlap=True), ACCEPTED),
+    # routing
+    "load-balancing-unknown": Row(dict(moe_router_load_balancing_type="balanced"), "unknown ['balanced']"),
+    "load-balancing-unknown-in-list": Row(dict(moe_router_load_balancing_type=["aux_loss", "z"],
+                                               moe_aux_loss_coeff=[0.1, 0.1]), "unknown ['z']"),
+    "load-balancing-known": Row(dict(moe_router_load_balancing_type="global_aux_loss", moe_aux_loss_coeff=0.1),
+                                ACCEPTED),
+    "load-balancing-list": Row(dict(moe_router_load_balancing_type=["aux_loss", "seq_aux_loss"],
+                                    moe_aux_loss_coeff=[0.1, 0.1]), ACCEPTED),
+    "sinkhorn": Row(dict(moe_router_load_balancing_type="sinkhorn"), ACCEPTED),
+    "quantile": Row(dict(moe_router_load_balancing_type="quantile_balancing", moe_router_quantile_balancing_ema=0.5),
+                    ACCEPTED),
+    "quantile-aux": Row(dict(moe_router_load_balancing_type="quantile_balancing", moe_aux_loss_coeff=0.01),
+                        "moe_aux_loss_coeff=0.01"),
+    "quantile-aux-list": Row(dict(moe_router_load_balancing_type="quantile_balancing", moe_aux_loss_coeff=[0.01]),
+                             "moe_aux_loss_coeff=[0.01]"),
+    "quantile-with-aux-type": Row(dict(moe_router_load_balancing_type=["quantile_balancing", "aux_loss"],
+                                       moe_aux_loss_coeff=[0.0, 0.0]),
+                                  "'aux_loss'] with moe_aux_loss_coeff=[0.0, 0.0]"),
+    "quantile-groups": Row(dict(moe_router_load_balancing_type="quantile_balancing", moe_router_num_groups=2,
+                                moe_router_group_topk=1), "moe_router_num_groups=2"),
+    "quantile-group-topk": Row(dict(moe_router_load_balancing_type="quantile_balancing", moe_router_group_topk=1),
+                               "moe_router_group_topk=1"),
+    "groups-without-quantile": Row(dict(moe_router_num_groups=2, moe_router_group_topk=1), ACCEPTED),
+    "quantile-fusion": Row(dict(moe_router_load_balancing_type="quantile_balancing", moe_router_fusion=True),
+                           "'quantile_balancing' with moe_router_fusion=True"),
+    "force-balancing": Row(dict(moe_router_force_load_balancing=True), ACCEPTED),
+    "force-biased": Row(dict(moe_router_force_load_balancing=True, moe_router_force_biased=-0.5), ACCEPTED),
+    "force-biased-int": Row(dict(moe_router_force_biased=1), ACCEPTED),
+    "force-biased-text": Row(dict(moe_router_force_biased="0.5"), "moe_router_force_biased must be a number"),
+    "upstream-routing": Row(dict(moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
+                                 moe_router_topk_scaling_factor=2.0, moe_z_loss_coeff=1e-3, moe_input_jitter_eps=0.01),
+                            ACCEPTED),
+    # dropping
+    "capacity-negative": Row(dict(moe_expert_capacity_factor=-1.0), "moe_expert_capacity_factor must be positive"),
+    "capacity-zero": Row(dict(moe_expert_capacity_factor=0.0), "moe_expert_capacity_factor must be positive"),
+    "capacity-positive": Row(dict(moe_expert_capacity_factor=0.5), ACCEPTED),
+    "drop-policy-unknown": Row(dict(moe_expert_capacity_factor=1.0, moe_token_drop_policy="random"),
+                               "unknown moe_token_drop_policy 'random'"),
+    "drop-policy-probs": Row(dict(moe_expert_capacity_factor=1.0, moe_token_drop_policy="probs"), ACCEPTED),
+    "drop-policy-position": Row(dict(moe_expert_capacity_factor=1.0, moe_token_drop_policy="position"), ACCEPTED),
+    "drop-policy-dropless": Row(dict(moe_expert_capacity_factor=None, moe_token_drop_policy="random"), ACCEPTED),
+    "pad-without-capacity": Row(dict(moe_pad_expert_input_to_capacity=True),
+                                "moe_pad_expert_input_to_capacity=True needs moe_expert_capacity_factor"),
+    "pad-to-capacity": Row(dict(moe_pad_expert_input_to_capacity=True, moe_expert_capacity_factor=1.0), ACCEPTED),
+    # fusion flags: the portable path on CPU; on CUDA refused without Transformer Engine's kernels
+    "router-fusion-cpu": Row(dict(moe_router_fusion=True), ACCEPTED),
+    "permute-fusion-cpu": Row(dict(moe_permute_fusion=True), ACCEPTED),
+    "router-fusion-cuda-without-te": Row(dict(moe_router_fusion=True),
+                                         "moe_router_fusion=True needs Transformer Engine", "cuda-without-te"),
+    "permute-fusion-cuda-without-te": Row(dict(moe_permute_fusion=True),
+                                          "moe_permute_fusion=True needs Transformer Engine", "cuda-without-te"),
+    "fusion-cuda-with-te": Row(dict(moe_router_fusion=True, moe_permute_fusion=True), ACCEPTED, "cuda-with-te"),
+    "no-fusion-cuda-without-te": Row(dict(), ACCEPTED, "cuda-without-te"),
 }
 
 
-@pytest.mark.parametrize("case", list(REFUSED))
-def test_refused_flag_is_named(case):
-    overrides, message = REFUSED[case]
+def _on_machine(monkeypatch, machine):
+    """What fused.py asks the machine: whether CUDA is there and whether TE's MoE kernels are."""
+    if machine == "cpu":
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        return
+    kernels = {"cuda-without-te": False, "cuda-with-te": True}[machine]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(fused, "_have_router_kernels", lambda: kernels)
+    monkeypatch.setattr(fused, "_have_permute_kernels", lambda: kernels)
+
+
+@pytest.mark.parametrize("case", list(FLAG_ROWS))
+def test_flag_row(case, monkeypatch):
+    flags, refusal, machine = FLAG_ROWS[case]
     config = _config()
-    for name, value in overrides.items():  # set after construction: Megatron's own checks are not ours
+    for name, value in flags.items():
         setattr(config, name, value)
+    _on_machine(monkeypatch, machine)
+    if refusal is ACCEPTED:
+        validate_fold_moe_config(config, "sequence")
+        return
     with pytest.raises(ValueError, match="MoE options FoldMoELayer cannot run") as error:
         validate_fold_moe_config(config, "sequence")
-    assert message in str(error.value)
+    assert refusal in str(error.value)
 
 
-def test_every_refused_flag_is_listed_and_accepted_ones_pass():
+def test_the_rows_cover_both_sides():
+    """Every refusal row has an accepted row among the same flags (the other side of its condition)."""
+    accepted_flags = {f for row in FLAG_ROWS.values() if row.refusal is ACCEPTED for f in row.flags}
+    lonely = [case for case, row in FLAG_ROWS.items() if row.refusal is not ACCEPTED
+              and not set(row.flags) & accepted_flags]
+    assert not lonely, f"refusal rows without an accepted row over any of their flags: {lonely}"
+
+
+def test_every_refused_flag_is_listed_and_notes_name_the_dispatcher():
     config = _config()
     config.moe_token_dispatcher_type = "flex"
     config.moe_router_padding_for_quantization = True
+    config.delay_wgrad_compute = True
     with pytest.raises(ValueError) as error:
         validate_fold_moe_config(config)
-    assert "moe_token_dispatcher_type='flex'" in str(error.value)
-    assert "moe_router_padding_for_quantization=True" in str(error.value)
+    for refused in ("moe_token_dispatcher_type='flex'", "moe_router_padding_for_quantization=True",
+                    "delay_wgrad_compute=True"):
+        assert refused in str(error.value)
     accepted = _config(moe_token_dispatcher_type="alltoall", moe_shared_expert_intermediate_size=16,
                        moe_shared_expert_overlap=True, moe_router_fusion=True, moe_permute_fusion=True,
                        moe_expert_capacity_factor=1.0, moe_pad_expert_input_to_capacity=True)
@@ -94,12 +213,9 @@ def test_every_refused_flag_is_listed_and_accepted_ones_pass():
     assert notes == ["moe_token_dispatcher_type='alltoall': FoldMoELayer dispatches with FlexFoldDispatcher "
                      "(the all-to-all pattern, on the folded expert groups) whichever of 'alltoall' / "
                      "'allgather' is set"]
-    for load_balancing in ("quantile_balancing", "sinkhorn", ["aux_loss", "seq_aux_loss"]):
-        coeff = [0.1, 0.1] if isinstance(load_balancing, list) else 0.0
-        validate_fold_moe_config(_config(moe_router_load_balancing_type=load_balancing, moe_aux_loss_coeff=coeff))
-    biased = _config(moe_router_force_load_balancing=True, moe_router_force_biased=-0.5)
-    validate_fold_moe_config(biased)
-
+    assert validate_fold_moe_config(_config(moe_token_dispatcher_type="alltoall")) == notes
+    assert validate_fold_moe_config(_config(moe_router_load_balancing_type="sinkhorn")) == [
+        notes[0].replace("'alltoall'", "'allgather'", 1)]  # make_moe_config keeps Megatron's default
 
 # ---- flags that must not change the numbers -------------------------------------------------------------
 
