@@ -7,7 +7,8 @@ model on ONE rank with Megatron's own local modules: no portable norm or attenti
 start from the same full weights (each rank cuts its shards by each parameter's own TP / EP metadata)
 and see the same global batch (split by DP rank and by Megatron's own get_batch_on_this_cp_rank). The
 loss of every step (step 0 and after 1, 2, 3 optimizer steps) and every gradient norm must agree
-within 1e-5 relative.
+within 1e-5 relative. Both families use RMSNorm; a LayerNorm variant of mixtral-like (whose norms have a
+bias) is checked under TP 2 + SP, where the bias's gradient must be summed over TP like the weight's.
 
 Controls prove the comparison can fail: subsequence-scope dropping under TP x CP > 1, and a
 sequence-parallel norm whose parameters lack Megatron's `sequence_parallel` tag. Checkpoints: two
@@ -47,6 +48,9 @@ LAYOUTS = {
     "5d-tp2-cp2-pp2-ep2-etp2": dict(tp=2, cp=2, pp=2, ep=2, etp=2),
 }
 FAMILIES = ["mixtral-like", "qwen2-moe-like"]
+# Test-only variants of a family, trained under one layout: both stock families use RMSNorm (a weight
+# only), so this one checks that LayerNorm's bias gets the same sequence-parallel gradient sum under SP.
+VARIANTS = {"mixtral-like-layernorm": ("mixtral-like", dict(normalization="LayerNorm"))}
 # mode -> TransformerConfig overrides; aux loss is on in both (models._COMMON).
 MODES = {"dropless": {}, "sequence-dropping": dict(moe_expert_capacity_factor=1.0)}
 
@@ -72,9 +76,10 @@ def _setup(world_size, layout_kwargs):
 
 
 def _build(family, mode, layout, pgs, vpp, *, drop_scope="sequence", fold=True, portable_modules=True):
+    family, variant = VARIANTS.get(family, (family, {}))
     shape = models.MODEL_FAMILIES[family]
     config = models.model_config(family, layout, virtual_pipeline_stages=vpp, calculate_per_token_loss=True,
-                                 **MODES[mode])
+                                 **MODES[mode], **variant)
     chunks = models.build_model(config, pgs, vocab_size=shape.vocab_size, seq_length=shape.seq_length,
                                 drop_scope=drop_scope, fold=fold, portable_modules=portable_modules)
     chunks = [c.to(rank_device()) for c in chunks]  # the CPU, or this rank's GPU in the 8-GPU smoke test
@@ -86,18 +91,18 @@ def _reference(rank, world_size):
     layout, pgs, _ = _setup(1, {})
     weights, results = {}, {}
     try:
-        for family in FAMILIES:
-            for mode in MODES:
-                torch.manual_seed(5)  # the same initial weights for both modes of a family
-                # Megatron's own everything: MoELayer, WrappedTorchNorm, DotProductAttention.
-                config, chunks, tokens = _build(family, mode, layout, pgs, None, fold=False, portable_modules=False)
-                modules = [m for c in chunks for m in c.modules()]
-                assert not any(isinstance(m, FoldMoELayer) for m in modules)
-                assert not any(isinstance(m, ContextParallelDotProductAttention) for m in modules)
-                assert any(type(m) is DotProductAttention for m in modules)
-                weights.setdefault(family, wm.full_weights(chunks))
-                wm.load_full_weights(chunks, weights[family], pgs)
-                results[family, mode] = wm.train(chunks, config, pgs, tokens, steps=STEPS)
+        configs = [(f, m) for f in FAMILIES for m in MODES] + [(v, "sequence-dropping") for v in VARIANTS]
+        for family, mode in configs:
+            torch.manual_seed(5)  # the same initial weights for both modes of a family
+            # Megatron's own everything: MoELayer, WrappedTorchNorm, DotProductAttention.
+            config, chunks, tokens = _build(family, mode, layout, pgs, None, fold=False, portable_modules=False)
+            modules = [m for c in chunks for m in c.modules()]
+            assert not any(isinstance(m, FoldMoELayer) for m in modules)
+            assert not any(isinstance(m, ContextParallelDotProductAttention) for m in modules)
+            assert any(type(m) is DotProductAttention for m in modules)
+            weights.setdefault(family, wm.full_weights(chunks))
+            wm.load_full_weights(chunks, weights[family], pgs)
+            results[family, mode] = wm.train(chunks, config, pgs, tokens, steps=STEPS)
     finally:
         parallel_state.destroy_model_parallel()
     return weights, results
@@ -152,6 +157,19 @@ def test_whole_model_is_layout_invariant(name, reference):
                 f" expected {[(r.loss, r.grad_norm) for r in expected[family, mode]]}")
     # Training really moved: the loss after three steps is below the first.
     assert all(expected[k][-1].loss < expected[k][0].loss for k in expected)
+
+
+def test_layernorm_model_is_layout_invariant(reference):
+    """TP 2 with sequence parallelism: each TP rank's LayerNorm weight AND bias see different tokens, and
+    only the sequence_parallel tag on both makes Megatron sum their gradients over TP."""
+    weights, expected = reference
+    family = "mixtral-like-layernorm"
+    assert any(n.endswith("layernorm.bias") for n in weights[family]), "the variant has no LayerNorm bias"
+    run = (family, "sequence-dropping", "plain")
+    per_rank = run_on_ranks(_layout_runs, W, LAYOUTS["tp2-sp-ep4"], [run], weights, timeout=600)
+    for rank in range(W):
+        diff = _max_rel_diff(per_rank[rank][run], expected[run[:2]])
+        assert diff <= RTOL, f"LayerNorm model under tp2-sp-ep4, rank {rank}: max relative difference {diff:.2e}"
 
 
 @pytest.mark.parametrize("name,control", [
