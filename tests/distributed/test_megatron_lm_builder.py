@@ -7,10 +7,18 @@ arguments. The plugin takes part only through the flags install_arguments() adds
 target. Checked on each rank: every MoE position (per --moe-layer-freq) is a FoldMoELayer with the
 requested options and every dense one is not; the dispatcher's EP, ETP and ETP x EP groups are
 FoldedLayout's; DDP put every expert parameter, and only those, in its expert buffers, reduced over
-FoldedLayout's EDP group (when the expert grid differs from the attention grid).
+FoldedLayout's EDP group (when the expert grid differs from the attention grid). Expert parameters are
+named by Megatron's module path (`.mlp.experts.`), not by the plugin's classification.
+
+The plugin's pre-wrap hook repairs tags: a hook placed before it strips an expert weight's tag and tags
+a dense weight as expert in every chunk; after Megatron's DDP wrap each sits in the right buffer, and
+rank 0 printed what was retagged.
 """
 
+import contextlib
+import io
 import os
+import re
 import sys
 
 import pytest
@@ -70,7 +78,24 @@ def megatron_lm_args(argv, world_size, rank):
     return args
 
 
-def _build(rank, world_size, argv):
+def _break_tags(chunks, broken):
+    """A pre-wrap hook run before the plugin's: in each chunk, the first expert weight loses its tag (as a
+    module built outside Megatron's linears would) and the first attention weight is tagged expert."""
+    for chunk in chunks:
+        params = dict(chunk.named_parameters())
+        names = []
+        expert = next((n for n in params if ".mlp.experts." in n), None)
+        if expert is not None:  # a dense-only chunk has none
+            del params[expert].allreduce
+            names.append(expert)
+        dense = next(n for n in params if ".self_attention." in n)
+        params[dense].allreduce = False
+        names.append(dense)
+        broken.append(sorted(names))
+    return chunks
+
+
+def _build(rank, world_size, argv, break_tags=False):
     from megatron.core import parallel_state as mpu
     from megatron.core import tensor_parallel
     from megatron.core.process_groups_config import ProcessGroupCollection
@@ -79,7 +104,6 @@ def _build(rank, world_size, argv):
     from megatron.training.global_vars import set_args
 
     from megatron_fold.moe.layer import FoldMoELayer
-    from megatron_fold.parallel_state import _expert_param_names
 
     args = megatron_lm_args(argv, world_size, rank)
     set_args(args)
@@ -93,17 +117,23 @@ def _build(rank, world_size, argv):
     tensor_parallel.model_parallel_cuda_manual_seed(args.seed)
     model_cfg = gpt_config_from_args(args)
     cfg = pretrain_cfg_container_from_args(args, model_cfg)
+    broken = []
+    if break_tags:  # the builder runs the hooks in list order; fold_layer_spec appends the plugin's
+        cfg.model.pre_wrap_hooks.insert(0, lambda chunks: _break_tags(chunks, broken))
     # training.py's setup_model_and_optimizer
-    chunks = cfg.model.get_builder_cls()(cfg.model).build_distributed_models(
-        pg_collection=ProcessGroupCollection.use_mpu_process_groups(), ddp_config=cfg.ddp,
-        overlap_param_gather_with_optimizer_step=cfg.optimizer.overlap_param_gather_with_optimizer_step,
-        use_megatron_fsdp=cfg.dist.use_megatron_fsdp, use_torch_fsdp2=cfg.dist.use_torch_fsdp2,
-        wrap_with_ddp=True, data_parallel_random_init=cfg.rng.data_parallel_random_init)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        chunks = cfg.model.get_builder_cls()(cfg.model).build_distributed_models(
+            pg_collection=ProcessGroupCollection.use_mpu_process_groups(), ddp_config=cfg.ddp,
+            overlap_param_gather_with_optimizer_step=cfg.optimizer.overlap_param_gather_with_optimizer_step,
+            use_megatron_fsdp=cfg.dist.use_megatron_fsdp, use_torch_fsdp2=cfg.dist.use_torch_fsdp2,
+            wrap_with_ddp=True, data_parallel_random_init=cfg.rng.data_parallel_random_init)
 
-    out = {"layers": {}, "groups": [], "expert_buffers": [], "dense_buffers": [], "misplaced": []}
+    out = {"layers": {}, "groups": [], "expert_buffers": [], "dense_buffers": [], "misplaced": [],
+           "broken": broken, "printed": [line for line in printed.getvalue().splitlines() if "tagged" in line]}
     for ddp in chunks:
         model = ddp.module
-        expert_names = _expert_param_names(model)
+        expert_names = {name for name, _ in model.named_parameters() if ".mlp.experts." in name}
         for module in model.modules():
             if isinstance(module, TransformerLayer):
                 mlp = module.mlp
@@ -154,3 +184,23 @@ def test_megatron_lm_builder_builds_fold_layers(name):
         for ranks in out["dense_buffers"]:
             assert sorted(ranks) == layout.group_of("dp_cp", rank), f"rank {rank}: dense grads reduce over {ranks}"
     assert layers_seen == {1, 2, 3, 4}
+
+
+def test_pre_wrap_hook_repairs_expert_tags():
+    """Megatron tags its own experts right, so the builds above never need the repair; this one does."""
+    name = "pp2-vpp2-ep4-dense-first"  # two chunks per rank, the first of pipeline stage 0 dense-only
+    sizes, extra, _ = LAYOUTS[name]
+    layout = FoldedLayout(W, **sizes)
+    results = run_on_ranks(_build, W, MODEL + extra, True, timeout=240)
+    for rank, out in enumerate(results):
+        assert len(out["broken"]) == 2 and all(out["broken"]), out["broken"]
+        assert not out["misplaced"], f"rank {rank}: parameters in the wrong DDP buffers: {out['misplaced']}"
+        for ranks in out["expert_buffers"]:
+            assert sorted(ranks) == layout.group_of("edp", rank)
+    # Rank 0 prints, per chunk, how many parameters it retagged and their names; no other rank prints.
+    printed = [re.fullmatch(r"megatron-fold: tagged (\d+) expert parameter\(s\) for the expert data-parallel "
+                            r"group: (.*)", line) for line in results[0]["printed"]]
+    assert all(printed), results[0]["printed"]
+    assert sorted((int(m[1]), sorted(m[2].split(", "))) for m in printed) == sorted(
+        (len(names), names) for names in results[0]["broken"]), results[0]["printed"]
+    assert all(out["printed"] == [] for out in results[1:])
