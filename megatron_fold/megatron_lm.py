@@ -143,22 +143,33 @@ def _argument_error(prog: str, message: str):
 
 
 def check_implementation(args) -> None:
-    """Megatron-LM defaults to Transformer Engine layers and, with its local layers, to Apex's persistent
-    layer norm. Without Transformer Engine its default fails deep in model building ('NoneType' object is
-    not callable): refused here, naming the flag, because local layers are a choice with a cost on GPUs.
-    Without Apex the persistent kernel does not exist, so --no-persist-layer-norm is the only value that
-    runs: set, with a note."""
+    """Megatron-LM defaults to Transformer Engine layers, and to kernels from Transformer Engine and NVIDIA
+    Apex. Without Transformer Engine its default layers fail deep in model building ('NoneType' object is
+    not callable): refused here, naming the flag, because Megatron's local layers are a choice with a cost
+    on GPUs. A fused kernel whose package is missing has one value that runs, off: set, with a note."""
     from megatron.core.models import backends
+    from megatron.core.tensor_parallel import layers
 
-    if args.transformer_impl == "transformer_engine" and not specs._have_transformer_engine():
+    have_te = specs._have_transformer_engine()
+    if args.transformer_impl == "transformer_engine" and not have_te:
         raise FoldArgumentError("Transformer Engine is not installed, and --transformer-impl is transformer_engine "
                                 "(Megatron-LM's default): pass --transformer-impl local (Megatron's own layers; "
                                 "slower on GPUs), or install Transformer Engine (pip install 'megatron-fold[te]')")
-    if args.transformer_impl == "local" and not backends.HAVE_APEX and not args.no_persist_layer_norm:
-        args.no_persist_layer_norm = True
-        if is_first_rank():
-            print("megatron-fold: note: --no-persist-layer-norm set: without NVIDIA Apex, Megatron's local "
-                  "layers use torch's layer norm, which has no persistent kernel", flush=True)
+    local = args.transformer_impl == "local"
+    rope = args.position_embedding_type == "rope" or args.use_rotary_position_embeddings
+    only_value = [  # (missing kernel, argument, the value that runs, its flag, why)
+        (local and not backends.HAVE_APEX, "no_persist_layer_norm", True, "--no-persist-layer-norm",
+         "without NVIDIA Apex, Megatron's local layers use torch's layer norm, which has no persistent kernel"),
+        (local and not layers._grad_accum_fusion_available, "gradient_accumulation_fusion", False,
+         "--no-gradient-accumulation-fusion", "its kernel, fused_weight_gradient_mlp_cuda, comes with NVIDIA Apex"),
+        (rope and not have_te, "apply_rope_fusion", False, "--no-rope-fusion",
+         "the fused RoPE kernel comes with Transformer Engine"),
+    ]
+    for missing, dest, value, flag, why in only_value:
+        if missing and getattr(args, dest) != value:
+            setattr(args, dest, value)
+            if is_first_rank():
+                print(f"megatron-fold: note: {flag} set: {why}", flush=True)
 
 
 def _escape_broken_help(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

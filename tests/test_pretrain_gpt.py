@@ -46,7 +46,8 @@ if __name__ == "__main__":
         json.dump({"mark": MARK, "file": __file__, "moe_fold": args.moe_fold, "drop_scope": args.moe_fold_drop_scope,
                    "check_finite": args.moe_fold_check_finite, "spec": args.spec,
                    "layer_spec": getattr(spec, "__module__", None) and f"{spec.__module__}.{spec.__name__}",
-                   "no_persist_layer_norm": args.no_persist_layer_norm,
+                   "no_persist_layer_norm": args.no_persist_layer_norm, "apply_rope_fusion": args.apply_rope_fusion,
+                   "gradient_accumulation_fusion": args.gradient_accumulation_fusion,
                    "cuda_device_max_connections": os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS")}, f)
 '''
 
@@ -304,10 +305,15 @@ def test_without_transformer_engine_its_layers_are_refused_naming_the_flag(tmp_p
     assert "Transformer Engine is not installed" in r.stderr and "pass --transformer-impl local" in r.stderr
 
 
-@pytest.mark.skipif(_have_apex(), reason="NVIDIA Apex is installed: its persistent layer norm exists")
-def test_without_apex_no_persist_layer_norm_is_set_with_a_note(tmp_path):
+@pytest.mark.skipif(_have_apex() or _have_te(), reason="NVIDIA Apex or Transformer Engine is installed: their "
+                    "fused kernels exist")
+def test_fused_kernels_without_their_package_are_turned_off_with_a_note(tmp_path):
     directory = _write_minimal(tmp_path / "Megatron-LM")
-    r = _run(["--megatron-lm", str(directory), *ARGS, "--moe-fold"], tmp_path)
+    argv = [a for a in ARGS if a not in ("--no-rope-fusion", "--no-gradient-accumulation-fusion")]
+    r = _run(["--megatron-lm", str(directory), *argv, "--position-embedding-type=rope", "--moe-fold"], tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert json.loads((tmp_path / "out.json").read_text())["no_persist_layer_norm"] is True
-    assert r.stdout.count("--no-persist-layer-norm set") == 1
+    got = json.loads((tmp_path / "out.json").read_text())
+    assert (got["no_persist_layer_norm"], got["apply_rope_fusion"], got["gradient_accumulation_fusion"]) == (
+        True, False, False)
+    for flag in ("--no-persist-layer-norm", "--no-rope-fusion", "--no-gradient-accumulation-fusion"):
+        assert r.stdout.count(f"megatron-fold: note: {flag} set") == 1, (flag, r.stdout)
