@@ -15,8 +15,8 @@ at once, so a dependency chain may be longer than needed. Before the time limit 
 cleanly: Megatron's `--exit-duration-in-mins`, computed from the job's remaining time (squeue %L) less
 EXIT_MARGIN_MINS. Why not `--signal=B:USR1@...` with `--exit-signal-handler`: a B: signal reaches only
 the batch shell, and torchrun stands between it and the ranks; torchrun forwards SIGUSR1 only when told
-to (`--signals-to-handle`, torch >= 2.9, where the default action, ending torchrun, otherwise ends the
-ranks mid-save), and then kills the ranks after its shutdown timeout. The time-based exit needs no
+to (`--signals-to-handle`, recent torch; otherwise SIGUSR1's default action ends torchrun, and the ranks
+with it, mid-save), and then kills the ranks after its shutdown timeout. The time-based exit needs no
 signal to reach the ranks. Logs go to $LOG_ROOT/$SLURM_JOB_ID, appended on a requeue.
 """
 
