@@ -109,6 +109,7 @@ def test_flag_reaches_megatron_parser_with_its_spec(megatron_dir, tmp_path):
     if _is_minimal(megatron_dir):
         assert r.returncode == 0, r.stderr[-3000:]
         got = json.loads((tmp_path / "out.json").read_text())
+        got = {k: got[k] for k in ("mark", "file", "moe_fold", "drop_scope", "check_finite", "spec", "layer_spec")}
         assert got == {"mark": "sibling imported", "file": str(megatron_dir / "pretrain_gpt.py"), "moe_fold": True,
                        "drop_scope": "sequence", "check_finite": False, "spec": megatron_lm.SPEC,
                        "layer_spec": "megatron_fold.megatron_lm.fold_layer_spec"}
@@ -222,23 +223,40 @@ def test_checkout_of_another_release_exits_2_naming_both(tmp_path, monkeypatch, 
     assert "core_v0.19.0" in err
 
 
-def test_checkout_of_the_same_release_runs(tmp_path, capsys):
+def test_checkout_of_the_same_release_runs_with_what_megatron_needs_set(tmp_path, capsys):
+    """A 0.19.0 checkout (its megatron/ folder first on sys.path, as a full checkout's is) runs against the
+    0.19.x wheel without a note; unset CUDA_DEVICE_MAX_CONNECTIONS is set to 1, and a fused kernel whose
+    package is missing is turned off, each with one note."""
     assert INSTALLED.startswith("0.19.")  # megatron_fold's own import check; a 0.19.0 checkout fits any 0.19.x
     directory = _with_package_info(tmp_path / "Megatron-LM", 0, 19, 0)
     assert pretrain_gpt.checkout_version(str(directory)) == "0.19.0"
     pretrain_gpt.check_checkout_version(str(directory / "pretrain_gpt.py"))  # no error
     assert capsys.readouterr().out == ""  # and no note
-    r = _run(["--megatron-lm", str(directory), *ARGS, "--moe-fold"], tmp_path)
+    argv = [a for a in ARGS if a not in ("--no-rope-fusion", "--no-gradient-accumulation-fusion")]
+    r = _run(["--megatron-lm", str(directory), *argv, "--position-embedding-type=rope", "--moe-fold"], tmp_path)
     assert r.returncode == 0 and "version is unknown" not in r.stdout, r.stderr[-3000:]
+    got = json.loads((tmp_path / "out.json").read_text())
+    assert got["cuda_device_max_connections"] == "1" and r.stdout.count("set CUDA_DEVICE_MAX_CONNECTIONS=1") == 1
+    missing = {"--no-persist-layer-norm": ("no_persist_layer_norm", True, not _have_apex()),
+               "--no-gradient-accumulation-fusion": ("gradient_accumulation_fusion", False, not _have_apex()),
+               "--no-rope-fusion": ("apply_rope_fusion", False, not _have_te())}
+    for flag, (key, value, package_missing) in missing.items():
+        if package_missing:
+            assert got[key] == value and r.stdout.count(f"megatron-fold: note: {flag} set") == 1, (flag, r.stdout)
+        else:
+            assert f"megatron-fold: note: {flag} set" not in r.stdout
 
 
 def test_checkout_without_package_info_runs_with_a_note(tmp_path):
     directory = _write_minimal(tmp_path / "scripts-only")
     assert pretrain_gpt.checkout_version(str(directory)) is None
-    r = _run(["--megatron-lm", str(directory), *ARGS, "--moe-fold"], tmp_path)
+    r = _run(["--megatron-lm", str(directory), *ARGS, "--moe-fold"], tmp_path, {"CUDA_DEVICE_MAX_CONNECTIONS": "8"})
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("Megatron-LM version is unknown") == 1
     assert f"core_v0.19.x, the release of the installed megatron-core {INSTALLED}" in r.stdout
+    # The user's CUDA_DEVICE_MAX_CONNECTIONS stays, without a note.
+    assert json.loads((tmp_path / "out.json").read_text())["cuda_device_max_connections"] == "8"
+    assert "CUDA_DEVICE_MAX_CONNECTIONS" not in r.stdout
 
 
 # ---- errors once, not once per rank ----
@@ -271,17 +289,6 @@ def test_errors_are_printed_by_rank_0_only(tmp_path, monkeypatch, capsys, extra,
 
 # ---- the environment Megatron-LM needs ----
 
-def test_cuda_device_max_connections_set_when_unset(tmp_path):
-    directory = _write_minimal(tmp_path / "Megatron-LM")
-    r = _run(["--megatron-lm", str(directory), *ARGS, "--moe-fold"], tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert json.loads((tmp_path / "out.json").read_text())["cuda_device_max_connections"] == "1"
-    assert r.stdout.count("set CUDA_DEVICE_MAX_CONNECTIONS=1") == 1
-    r = _run(["--megatron-lm", str(directory), *ARGS, "--moe-fold"], tmp_path, {"CUDA_DEVICE_MAX_CONNECTIONS": "8"})
-    assert r.returncode == 0 and "CUDA_DEVICE_MAX_CONNECTIONS" not in r.stdout, r.stderr[-3000:]
-    assert json.loads((tmp_path / "out.json").read_text())["cuda_device_max_connections"] == "8"  # the user's
-
-
 def test_cuda_device_max_connections_left_unset_for_fsdp(monkeypatch):
     monkeypatch.delenv("CUDA_DEVICE_MAX_CONNECTIONS", raising=False)
     pretrain_gpt.set_cuda_device_max_connections(["--use-megatron-fsdp"])  # Megatron refuses 1 with FSDP
@@ -297,23 +304,12 @@ def _have_apex() -> bool:
 
 
 @pytest.mark.skipif(_have_te(), reason="Transformer Engine is installed: its layers are Megatron-LM's default")
-def test_without_transformer_engine_its_layers_are_refused_naming_the_flag(tmp_path):
+def test_without_transformer_engine_its_layers_are_refused_naming_the_flag(tmp_path, monkeypatch, capsys):
     directory = _write_minimal(tmp_path / "Megatron-LM")
+    for key, value in _env(tmp_path).items():
+        monkeypatch.setenv(key, value)
     argv = [a for a in ARGS if a != "--transformer-impl=local"]
-    r = _run(["--megatron-lm", str(directory), *argv, "--moe-fold"], tmp_path)
-    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
-    assert "Transformer Engine is not installed" in r.stderr and "pass --transformer-impl local" in r.stderr
-
-
-@pytest.mark.skipif(_have_apex() or _have_te(), reason="NVIDIA Apex or Transformer Engine is installed: their "
-                    "fused kernels exist")
-def test_fused_kernels_without_their_package_are_turned_off_with_a_note(tmp_path):
-    directory = _write_minimal(tmp_path / "Megatron-LM")
-    argv = [a for a in ARGS if a not in ("--no-rope-fusion", "--no-gradient-accumulation-fusion")]
-    r = _run(["--megatron-lm", str(directory), *argv, "--position-embedding-type=rope", "--moe-fold"], tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
-    got = json.loads((tmp_path / "out.json").read_text())
-    assert (got["no_persist_layer_norm"], got["apply_rope_fusion"], got["gradient_accumulation_fusion"]) == (
-        True, False, False)
-    for flag in ("--no-persist-layer-norm", "--no-rope-fusion", "--no-gradient-accumulation-fusion"):
-        assert r.stdout.count(f"megatron-fold: note: {flag} set") == 1, (flag, r.stdout)
+    assert _main_rc(["--megatron-lm", str(directory), *argv, "--moe-fold"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("megatron-fold: error: Transformer Engine is not installed") == 1 and "Traceback" not in err
+    assert "pass --transformer-impl local" in err
