@@ -105,6 +105,13 @@ def test_size_overrides_are_replacements(tmp_path):
     assert hf.replaced["shared_expert_intermediate_size"] == (
         "20480 -> moe_shared_expert_intermediate_size 48 (--shared-expert-intermediate-size)")
     assert hf.replaced["router_aux_loss_coef"] == "0.001 -> moe_aux_loss_coeff 0.05 (--aux-loss-coeff)"
+    # A planner preset scales the same way (no report: nothing was read from a config).
+    _, overrides, rotary_base, hf = command._model_config(_args(
+        "--model", "qwen2-57b-a14b", "--hidden-size", "64", "--num-attention-heads", "4",
+        "--shared-expert-intermediate-size", "32"))
+    assert hf is None and rotary_base == 10000.0
+    assert (overrides["kv_channels"], overrides["moe_shared_expert_intermediate_size"],
+            overrides["moe_shared_expert_gate"]) == (16, 32, True)
     # 0 removes the shared expert and its gate.
     _, overrides, _, _ = command._model_config(_args("--hf-config", path, "--shared-expert-intermediate-size", "0"))
     assert overrides["moe_shared_expert_intermediate_size"] is None and overrides["moe_shared_expert_gate"] is False
