@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import re
 import sys
+import traceback
 
 import torch
 import torch.distributed as dist
@@ -30,9 +32,9 @@ from megatron_fold import parallel_state, portable, specs
 from megatron_fold.layout import DEFAULT_ORDER, TP_PP_DP_ORDER, FoldedLayout, LayoutError
 from megatron_fold.moe.capacity import DropScope
 
-__all__ = ["SPEC", "add_arguments", "install_arguments", "uninstall_arguments", "validate_fold_args", "check_moe_flags",
-           "FoldArgumentError", "layout_from_args", "fold_layer_spec", "with_fold_spec",
-           "add_fold_spec_to_sys_argv"]
+__all__ = ["SPEC", "add_arguments", "plugin_usage", "install_arguments", "uninstall_arguments", "validate_fold_args",
+           "check_moe_flags", "check_implementation", "FoldArgumentError", "layout_from_args", "fold_layer_spec",
+           "with_fold_spec", "add_fold_spec_to_sys_argv", "is_first_rank"]
 
 SPEC = ["megatron_fold.megatron_lm", "fold_layer_spec"]
 _DEFAULTS = {"moe_fold_drop_scope": DropScope.SUBSEQUENCE.value, "moe_fold_check_finite": True,
@@ -67,6 +69,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
+def plugin_usage() -> str:
+    """The plugin's flags as argparse writes them in a usage line, from the parser add_arguments builds
+    (so the drop-in's usage cannot drift from the flags)."""
+    parser = add_arguments(argparse.ArgumentParser(prog="", add_help=False))
+    return " ".join(parser.format_usage().removeprefix("usage:").split())
+
+
+def is_first_rank() -> bool:
+    """Rank 0 of a torchrun / srun job, or a single process (no RANK): the one process that prints errors
+    and notes, which every rank would otherwise print alike."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def with_fold_spec(argv: list[str]) -> list[str]:
     """`--moe-fold` brings its --spec, unless the user gave a --spec (then validation says whether it fits)."""
     if "--moe-fold" in argv and "--spec" not in argv and not any(a.startswith("--spec=") for a in argv):
@@ -97,6 +112,7 @@ def install_arguments() -> None:
 
     @functools.wraps(add)
     def add_megatron_arguments(parser):
+        parser.error = functools.partial(_argument_error, parser.prog)
         return _escape_broken_help(add_arguments(add(parser)))
 
     @functools.wraps(validate)
@@ -104,13 +120,56 @@ def install_arguments() -> None:
         # Ours first: Megatron's checks assert on the same sizes without naming our flags. The MoE flags
         # after Megatron's, on the config it builds from the validated arguments.
         validate_fold_args(args)
-        result = validate(args, defaults)
+        check_implementation(args)
+        try:
+            result = validate(args, defaults)
+        except AssertionError as e:  # Megatron's argument checks are asserts: one line, not a traceback per rank
+            frame = traceback.extract_tb(e.__traceback__)[-1]
+            raise FoldArgumentError(f"Megatron-LM refused the arguments ({os.path.basename(frame.filename)}:"
+                                    f"{frame.lineno}): {e}") from None
         if args.moe_fold:
             check_moe_flags(args)
         return result
 
     arguments.add_megatron_arguments = add_megatron_arguments
     arguments.validate_args = validate_args
+
+
+def _argument_error(prog: str, message: str):
+    """argparse's error without the usage (Megatron-LM's runs to ~700 lines), printed by the first rank only."""
+    if is_first_rank():
+        print(f"{prog}: error: {message} (--help lists every argument)", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def check_implementation(args) -> None:
+    """Megatron-LM defaults to Transformer Engine layers, and to kernels from Transformer Engine and NVIDIA
+    Apex. Without Transformer Engine its default layers fail deep in model building ('NoneType' object is
+    not callable): refused here, naming the flag, because Megatron's local layers are a choice with a cost
+    on GPUs. A fused kernel whose package is missing has one value that runs, off: set, with a note."""
+    from megatron.core.models import backends
+    from megatron.core.tensor_parallel import layers
+
+    have_te = specs._have_transformer_engine()
+    if args.transformer_impl == "transformer_engine" and not have_te:
+        raise FoldArgumentError("Transformer Engine is not installed, and --transformer-impl is transformer_engine "
+                                "(Megatron-LM's default): pass --transformer-impl local (Megatron's own layers; "
+                                "slower on GPUs), or install Transformer Engine (pip install 'megatron-fold[te]')")
+    local = args.transformer_impl == "local"
+    rope = args.position_embedding_type == "rope" or args.use_rotary_position_embeddings
+    only_value = [  # (missing kernel, argument, the value that runs, its flag, why)
+        (local and not backends.HAVE_APEX, "no_persist_layer_norm", True, "--no-persist-layer-norm",
+         "without NVIDIA Apex, Megatron's local layers use torch's layer norm, which has no persistent kernel"),
+        (local and not layers._grad_accum_fusion_available, "gradient_accumulation_fusion", False,
+         "--no-gradient-accumulation-fusion", "its kernel, fused_weight_gradient_mlp_cuda, comes with NVIDIA Apex"),
+        (rope and not have_te, "apply_rope_fusion", False, "--no-rope-fusion",
+         "the fused RoPE kernel comes with Transformer Engine"),
+    ]
+    for missing, dest, value, flag, why in only_value:
+        if missing and getattr(args, dest) != value:
+            setattr(args, dest, value)
+            if is_first_rank():
+                print(f"megatron-fold: note: {flag} set: {why}", flush=True)
 
 
 def _escape_broken_help(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

@@ -89,7 +89,7 @@ def model_config(family: str, layout: FoldedLayout, *, virtual_pipeline_stages: 
 def build_model(config: TransformerConfig, pg_collection, *, vocab_size: int, seq_length: int,
                 drop_scope: DropScope | str = DropScope.SEQUENCE, use_te: bool | None = None,
                 fold: bool = True, portable_modules: bool = True, check_finite: bool = True,
-                metrics: bool = True) -> list[GPTModel]:
+                metrics: bool = True, rotary_base: float = 10000) -> list[GPTModel]:
     """This rank's model chunks (one per virtual pipeline stage) of a stock GPTModel.
 
     `fold=False` builds Megatron's own MoELayer instead (the baseline of benchmarks and oracle tests);
@@ -114,7 +114,7 @@ def build_model(config: TransformerConfig, pg_collection, *, vocab_size: int, se
             chunks.append(GPTModel(
                 config, block, vocab_size=vocab_size, max_sequence_length=seq_length,
                 pre_process=first, post_process=last, share_embeddings_and_output_weights=False,
-                position_embedding_type="rope", pg_collection=pg_collection,
+                position_embedding_type="rope", rotary_base=rotary_base, pg_collection=pg_collection,
                 vp_stage=vp_stage if vpp > 1 else None,
             ))
     return chunks

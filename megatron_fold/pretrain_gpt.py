@@ -11,23 +11,32 @@ it runs, the plugin flags join Megatron-LM's own parser (`--help` lists them und
 its argument validation (megatron_lm.install_arguments), and `--moe-fold` brings
 `--spec megatron_fold.megatron_lm fold_layer_spec`, through which GPTModelBuilder builds FoldMoELayer.
 Arguments the plugin cannot run with exit with status 2 and a message naming the flags, before any
-GPU is touched. Users who keep a fork can apply patches/pretrain_gpt-core_v0.19.0.patch instead.
+GPU is touched; a checkout of another release than the installed megatron-core (its
+megatron/core/package_info.py) too. Errors and notes are printed by rank 0 (or a process without RANK)
+only. Unset CUDA_DEVICE_MAX_CONNECTIONS is set to 1, as Megatron-LM requires with TP or CP. Users who keep
+a fork can apply patches/pretrain_gpt-core_v0.19.0.patch instead.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import runpy
 import sys
+from importlib import metadata
 
 from megatron_fold import megatron_lm
 
-__all__ = ["main", "find_pretrain_gpt"]
+__all__ = ["main", "usage", "find_pretrain_gpt", "checkout_version", "check_checkout_version",
+           "set_cuda_device_max_connections"]
 
 ENV = "MEGATRON_LM_PATH"
-USAGE = ("usage: python -m megatron_fold.pretrain_gpt [--megatron-lm DIR] [Megatron-LM arguments] --moe-fold "
-         "[--moe-fold-drop-scope {subsequence,sequence}] (Megatron-LM's checkout: --megatron-lm DIR, else "
-         f"${ENV}, else found on sys.path; Megatron-LM's own help follows)")
+
+
+def usage() -> str:
+    return (f"usage: python -m megatron_fold.pretrain_gpt [--megatron-lm DIR] [Megatron-LM arguments] "
+            f"{megatron_lm.plugin_usage()} (Megatron-LM's checkout: --megatron-lm DIR, else ${ENV}, else found on "
+            "sys.path; Megatron-LM's own help follows)")
 
 
 class UsageError(Exception):
@@ -69,16 +78,75 @@ def find_pretrain_gpt(directory: str | None = None) -> str:
                      "Megatron-LM checkout (tag core_v0.19.0), or put the checkout on PYTHONPATH")
 
 
+def checkout_version(directory: str) -> str | None:
+    """The Megatron-LM version of a checkout, from megatron/core/package_info.py (the file Megatron-LM's own
+    packaging reads), or None when the checkout has no such file (a copy of the scripts only)."""
+    try:
+        with open(os.path.join(directory, "megatron", "core", "package_info.py")) as f:
+            text = f.read()
+    except OSError:
+        return None
+    fields = dict(re.findall(r"^(MAJOR|MINOR|PATCH|PRE_RELEASE)\s*=\s*['\"]?([\w.]*)['\"]?", text, re.M))
+    if not all(k in fields for k in ("MAJOR", "MINOR", "PATCH")):
+        raise UsageError(f"{directory}/megatron/core/package_info.py: cannot read MAJOR, MINOR and PATCH")
+    return f"{fields['MAJOR']}.{fields['MINOR']}.{fields['PATCH']}{fields.get('PRE_RELEASE', '')}"
+
+
+def check_checkout_version(script: str) -> None:
+    """Megatron-LM's pretrain_gpt.py runs against the installed megatron-core wheel: their releases (major.minor)
+    must agree, or the script calls an API the wheel does not have, or has changed. A checkout without
+    package_info.py (the scripts alone) cannot say its release: accepted, with a note naming the wheel's."""
+    directory = os.path.dirname(script)
+    installed = metadata.version("megatron-core")
+    found = checkout_version(directory)
+    if found is None:
+        if megatron_lm.is_first_rank():
+            print(f"megatron-fold: note: {directory} has no megatron/core/package_info.py, so its Megatron-LM "
+                  f"version is unknown; it must be a checkout of tag core_v{_release(installed)}.x, the release of "
+                  f"the installed megatron-core {installed}", flush=True)
+        return
+    if _release(found) != _release(installed):
+        raise UsageError(f"the Megatron-LM checkout {directory} is version {found}, but the installed megatron-core is "
+                         f"{installed}: its pretrain_gpt.py needs the same release; check out tag "
+                         f"core_v{_release(installed)}.0 (git -C {directory} checkout core_v{_release(installed)}.0)")
+
+
+def _release(version: str) -> str:
+    return ".".join(re.split(r"[.]", version)[:2])
+
+
+def set_cuda_device_max_connections(argv: list[str]) -> None:
+    """Megatron-LM asserts CUDA_DEVICE_MAX_CONNECTIONS=1 with TP or CP > 1 on GPUs before Blackwell (its
+    communication overlap needs one hardware queue), and refuses 1 with FSDP. Set here when unset, before
+    any CUDA context exists, with a note; a value the user exported stays."""
+    if os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS") is not None:
+        return
+    if any(a.split("=")[0] in ("--use-torch-fsdp2", "--use-megatron-fsdp", "--overlap-moe-expert-parallel-comm")
+           for a in argv):
+        return
+    os.environ["CUDA_DEVICE_MAX_CONNECTIONS"] = "1"
+    if megatron_lm.is_first_rank():
+        print("megatron-fold: note: set CUDA_DEVICE_MAX_CONNECTIONS=1 (Megatron-LM requires it with tensor or "
+              "context parallelism on GPUs before Blackwell); export it to choose another value", flush=True)
+
+
+def _error(message: object) -> int:
+    if megatron_lm.is_first_rank():  # every rank fails alike; one message, not one per rank
+        print(f"megatron-fold: error: {message}", file=sys.stderr, flush=True)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         directory, argv = _pop_megatron_lm(argv)
         script = find_pretrain_gpt(directory)
+        check_checkout_version(script)
     except UsageError as e:
-        print(f"megatron-fold: error: {e}", file=sys.stderr)
-        return 2
+        return _error(e)
     if "-h" in argv or "--help" in argv:
-        print(USAGE, flush=True)
+        print(usage(), flush=True)
+    set_cuda_device_max_connections(argv)
     megatron_lm.install_arguments()
     saved_argv, saved_path = sys.argv, list(sys.path)
     # As `python pretrain_gpt.py` would: its directory first (gpt_builders, model_provider). The wheel's
@@ -88,8 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         runpy.run_path(script, run_name="__main__")
     except megatron_lm.FoldArgumentError as e:
-        print(f"megatron-fold: error: {e}", file=sys.stderr)
-        return 2
+        return _error(e)
     finally:
         sys.argv, sys.path[:] = saved_argv, saved_path
         megatron_lm.uninstall_arguments()

@@ -6,6 +6,8 @@ Megatron-LM checkout, against that checkout's unmodified pretrain_gpt.py, which 
 CUDA validates the arguments and then stops at Megatron's own "Megatron requires CUDA".
 """
 
+import importlib.metadata
+import importlib.util
 import json
 import os
 import pathlib
@@ -43,7 +45,10 @@ if __name__ == "__main__":
     with open(os.environ["MFOLD_TEST_OUT"], "w") as f:
         json.dump({"mark": MARK, "file": __file__, "moe_fold": args.moe_fold, "drop_scope": args.moe_fold_drop_scope,
                    "check_finite": args.moe_fold_check_finite, "spec": args.spec,
-                   "layer_spec": getattr(spec, "__module__", None) and f"{spec.__module__}.{spec.__name__}"}, f)
+                   "layer_spec": getattr(spec, "__module__", None) and f"{spec.__module__}.{spec.__name__}",
+                   "no_persist_layer_norm": args.no_persist_layer_norm, "apply_rope_fusion": args.apply_rope_fusion,
+                   "gradient_accumulation_fusion": args.gradient_accumulation_fusion,
+                   "cuda_device_max_connections": os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS")}, f)
 '''
 
 
@@ -63,23 +68,39 @@ def megatron_dir(request, tmp_path):
     return _write_minimal(tmp_path / "Megatron-LM")
 
 
+def _env(tmp_path, env_extra=None):
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MEGATRON_LM_PATH", "RANK", "WORLD_SIZE", "CUDA_DEVICE_MAX_CONNECTIONS")}
+    env.update({"WORLD_SIZE": "8", "RANK": "0", "MFOLD_TEST_OUT": str(tmp_path / "out.json"), **(env_extra or {})})
+    return env
+
+
 def _run(argv, tmp_path, env_extra=None):
-    env = {k: v for k, v in os.environ.items() if k not in ("MEGATRON_LM_PATH", "RANK", "WORLD_SIZE")}
-    env.update(WORLD_SIZE="8", RANK="0", MFOLD_TEST_OUT=str(tmp_path / "out.json"), **(env_extra or {}))
-    return subprocess.run([sys.executable, "-m", "megatron_fold.pretrain_gpt", *argv], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=240)
+    return subprocess.run([sys.executable, "-m", "megatron_fold.pretrain_gpt", *argv], cwd=tmp_path,
+                          env=_env(tmp_path, env_extra), capture_output=True, text=True, timeout=240)
 
 
 def _is_minimal(directory) -> bool:
     return (pathlib.Path(directory) / "sibling_builders.py").exists()
 
 
+def _plugin_flags() -> list[str]:
+    """Every option string the plugin registers, read off the parser add_arguments fills."""
+    import argparse
+
+    parser = megatron_lm.add_arguments(argparse.ArgumentParser(add_help=False))
+    return [flag for action in parser._actions for flag in action.option_strings]
+
+
 def test_help_lists_plugin_flags(megatron_dir, tmp_path):
     r = _run(["--megatron-lm", str(megatron_dir), "--help"], tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "--megatron-lm DIR" in r.stdout  # our usage line first
-    for flag in ("--moe-fold ", "--moe-fold-drop-scope", "--moe-fold-no-check-finite", "--num-experts"):
-        assert flag in r.stdout, flag
+    usage = next(line for line in r.stdout.splitlines() if line.startswith("usage: python -m megatron_fold"))
+    assert "--megatron-lm DIR" in usage  # our usage line first, with every plugin flag
+    flags = _plugin_flags()
+    assert len(flags) == 5 and all(f"[{flag}" in usage for flag in flags), (flags, usage)
+    for flag in (*flags, "--num-experts"):  # and Megatron-LM's own help, with the plugin's group
+        assert flag in r.stdout.split(usage, 1)[1], flag
 
 
 def test_flag_reaches_megatron_parser_with_its_spec(megatron_dir, tmp_path):
@@ -88,6 +109,7 @@ def test_flag_reaches_megatron_parser_with_its_spec(megatron_dir, tmp_path):
     if _is_minimal(megatron_dir):
         assert r.returncode == 0, r.stderr[-3000:]
         got = json.loads((tmp_path / "out.json").read_text())
+        got = {k: got[k] for k in ("mark", "file", "moe_fold", "drop_scope", "check_finite", "spec", "layer_spec")}
         assert got == {"mark": "sibling imported", "file": str(megatron_dir / "pretrain_gpt.py"), "moe_fold": True,
                        "drop_scope": "sequence", "check_finite": False, "spec": megatron_lm.SPEC,
                        "layer_spec": "megatron_fold.megatron_lm.fold_layer_spec"}
@@ -173,3 +195,121 @@ def test_patch_applies_to_checkout(tmp_path):
                         "--moe-fold"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     assert r.returncode != 0 and "FoldArgumentError" in r.stderr and "--expert-model-parallel-size 3" in r.stderr, \
         r.stderr[-3000:]
+
+
+# ---- the checkout's release against the installed megatron-core (exit 2 on a mismatch) ----
+
+INSTALLED = importlib.metadata.version("megatron-core")
+
+
+def _with_package_info(directory: pathlib.Path, major: int, minor: int, patch: int, pre: str = "") -> pathlib.Path:
+    """A checkout's megatron/core/package_info.py, as Megatron-LM writes it."""
+    info = _write_minimal(directory) / "megatron" / "core" / "package_info.py"
+    info.parent.mkdir(parents=True)
+    info.write_text(f"# Copyright\n\nMAJOR = {major}\nMINOR = {minor}\nPATCH = {patch}\nPRE_RELEASE = '{pre}'\n\n"
+                    "VERSION = (MAJOR, MINOR, PATCH, PRE_RELEASE)\n")
+    return directory
+
+
+@pytest.mark.parametrize("version", [(0, 18, 0, ""), (0, 20, 0, "rc0"), (1, 19, 0, "")])
+def test_checkout_of_another_release_exits_2_naming_both(tmp_path, monkeypatch, capsys, version):
+    directory = _with_package_info(tmp_path / "Megatron-LM", *version)
+    monkeypatch.delenv("RANK", raising=False)
+    assert pretrain_gpt.main(["--megatron-lm", str(directory), *ARGS, "--moe-fold"]) == 2
+    err = capsys.readouterr().err
+    found = "{}.{}.{}{}".format(*version)
+    assert err.count("megatron-fold: error") == 1
+    assert f"is version {found}, but the installed megatron-core is {INSTALLED}" in err, err
+    assert "core_v0.19.0" in err
+
+
+def test_checkout_of_the_same_release_runs_with_what_megatron_needs_set(tmp_path, capsys):
+    """A 0.19.0 checkout (its megatron/ folder first on sys.path, as a full checkout's is) runs against the
+    0.19.x wheel without a note; unset CUDA_DEVICE_MAX_CONNECTIONS is set to 1, and a fused kernel whose
+    package is missing is turned off, each with one note."""
+    assert INSTALLED.startswith("0.19.")  # megatron_fold's own import check; a 0.19.0 checkout fits any 0.19.x
+    directory = _with_package_info(tmp_path / "Megatron-LM", 0, 19, 0)
+    assert pretrain_gpt.checkout_version(str(directory)) == "0.19.0"
+    pretrain_gpt.check_checkout_version(str(directory / "pretrain_gpt.py"))  # no error
+    assert capsys.readouterr().out == ""  # and no note
+    argv = [a for a in ARGS if a not in ("--no-rope-fusion", "--no-gradient-accumulation-fusion")]
+    r = _run(["--megatron-lm", str(directory), *argv, "--position-embedding-type=rope", "--moe-fold"], tmp_path)
+    assert r.returncode == 0 and "version is unknown" not in r.stdout, r.stderr[-3000:]
+    got = json.loads((tmp_path / "out.json").read_text())
+    assert got["cuda_device_max_connections"] == "1" and r.stdout.count("set CUDA_DEVICE_MAX_CONNECTIONS=1") == 1
+    missing = {"--no-persist-layer-norm": ("no_persist_layer_norm", True, not _have_apex()),
+               "--no-gradient-accumulation-fusion": ("gradient_accumulation_fusion", False, not _have_apex()),
+               "--no-rope-fusion": ("apply_rope_fusion", False, not _have_te())}
+    for flag, (key, value, package_missing) in missing.items():
+        if package_missing:
+            assert got[key] == value and r.stdout.count(f"megatron-fold: note: {flag} set") == 1, (flag, r.stdout)
+        else:
+            assert f"megatron-fold: note: {flag} set" not in r.stdout
+
+
+def test_checkout_without_package_info_runs_with_a_note(tmp_path):
+    directory = _write_minimal(tmp_path / "scripts-only")
+    assert pretrain_gpt.checkout_version(str(directory)) is None
+    r = _run(["--megatron-lm", str(directory), *ARGS, "--moe-fold"], tmp_path, {"CUDA_DEVICE_MAX_CONNECTIONS": "8"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("Megatron-LM version is unknown") == 1
+    assert f"core_v0.19.x, the release of the installed megatron-core {INSTALLED}" in r.stdout
+    # The user's CUDA_DEVICE_MAX_CONNECTIONS stays, without a note.
+    assert json.loads((tmp_path / "out.json").read_text())["cuda_device_max_connections"] == "8"
+    assert "CUDA_DEVICE_MAX_CONNECTIONS" not in r.stdout
+
+
+# ---- errors once, not once per rank ----
+
+def _main_rc(argv) -> int:
+    try:
+        return pretrain_gpt.main(argv)
+    except SystemExit as e:  # argparse's error exits, as it does under `python -m`
+        return e.code
+
+
+@pytest.mark.parametrize("extra, message", [  # Megatron's argparse, the plugin's check, Megatron's validate_args
+    (["--moe-fold-drop-scope", "bogus"], "pretrain_gpt.py: error: argument --moe-fold-drop-scope: invalid choice: 'bogus'"),
+    (["--expert-model-parallel-size=3"], "megatron-fold: error: --moe-fold cannot run"),
+    (["--global-batch-size=12"], "megatron-fold: error: Megatron-LM refused the arguments (arguments.py:"),
+])
+def test_errors_are_printed_by_rank_0_only(tmp_path, monkeypatch, capsys, extra, message):
+    directory = _write_minimal(tmp_path / "Megatron-LM")
+    for key, value in _env(tmp_path).items():
+        monkeypatch.setenv(key, value)
+    argv = ["--megatron-lm", str(directory), *ARGS, "--moe-fold", *extra]
+    assert _main_rc(argv) == 2
+    err0 = capsys.readouterr().err
+    assert err0.count(message) == 1, err0[-3000:]
+    assert "usage:" not in err0 and "Traceback" not in err0, err0[-3000:]  # not Megatron's ~700 lines of usage
+    monkeypatch.setenv("RANK", "3")
+    assert _main_rc(argv) == 2
+    assert "error" not in capsys.readouterr().err
+
+
+# ---- the environment Megatron-LM needs ----
+
+def test_cuda_device_max_connections_left_unset_for_fsdp(monkeypatch):
+    monkeypatch.delenv("CUDA_DEVICE_MAX_CONNECTIONS", raising=False)
+    pretrain_gpt.set_cuda_device_max_connections(["--use-megatron-fsdp"])  # Megatron refuses 1 with FSDP
+    assert "CUDA_DEVICE_MAX_CONNECTIONS" not in os.environ
+
+
+def _have_te() -> bool:
+    return importlib.util.find_spec("transformer_engine") is not None
+
+
+def _have_apex() -> bool:
+    return importlib.util.find_spec("apex") is not None and importlib.util.find_spec("apex.normalization") is not None
+
+
+@pytest.mark.skipif(_have_te(), reason="Transformer Engine is installed: its layers are Megatron-LM's default")
+def test_without_transformer_engine_its_layers_are_refused_naming_the_flag(tmp_path, monkeypatch, capsys):
+    directory = _write_minimal(tmp_path / "Megatron-LM")
+    for key, value in _env(tmp_path).items():
+        monkeypatch.setenv(key, value)
+    argv = [a for a in ARGS if a != "--transformer-impl=local"]
+    assert _main_rc(["--megatron-lm", str(directory), *argv, "--moe-fold"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("megatron-fold: error: Transformer Engine is not installed") == 1 and "Traceback" not in err
+    assert "pass --transformer-impl local" in err

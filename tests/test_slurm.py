@@ -1,12 +1,15 @@
 """`plan --slurm FILE` and the shipped sbatch scripts (scripts/slurm/).
 
 Each script is shellcheck-clean, equals what `plan` generates today from the command in its header, and
-runs under sbatch's environment with fake `srun`, `torchrun` and `scontrol` on PATH that record their
-arguments and environment: the torchrun rendezvous comes from SLURM_*, Megatron-LM's required
-environment is set, log and checkpoint directories are per job id, and the Megatron-LM arguments that
-reach `-m megatron_fold.pretrain_gpt` pass Megatron-LM's own parse_args + validate_args with the
-plugin's checks (device queries answered as an H100 would; without Transformer Engine, --no-rope-fusion,
-which Megatron requires there; nothing else is added).
+runs under sbatch's environment with fake `srun`, `torchrun`, `scontrol` and `squeue` on PATH that record
+their arguments and environment (the fake torchrun also writes Megatron's checkpoint tracker file, as a
+run that saved would): the torchrun rendezvous comes from SLURM_*, Megatron-LM's required environment
+is set, logs are per job id, checkpoints per run name with --save and --load both there (a resubmission
+or a requeue resumes; a finished run exits at once), --exit-duration-in-mins is the job's time left
+less the margin, and the Megatron-LM arguments that reach `-m megatron_fold.pretrain_gpt` pass
+Megatron-LM's own parse_args + validate_args with the plugin's checks (device queries answered as an
+H100 would; without Transformer Engine, --no-rope-fusion and --transformer-impl local, which Megatron
+and the plugin require there; nothing else is added).
 """
 
 import os
@@ -34,10 +37,22 @@ while [ $# -gt 0 ] && [ "${1#--}" != "$1" ]; do shift; done
 exec "$@"
 """,
     "torchrun": """#!/bin/bash
-# Fake torchrun: records its arguments and environment.
+# Fake torchrun: records its arguments and environment; with MFOLD_SAVED_ITERATION, writes Megatron's
+# tracker file into the --save directory, as a run that saved a checkpoint of that iteration would.
 printf '%s\\0' "$@" > "$MFOLD_RECORD/torchrun.args"
 env -0 > "$MFOLD_RECORD/torchrun.env"
-echo "fake torchrun on $(hostname)"
+echo "fake torchrun on $(hostname), job $SLURM_JOB_ID"
+while [ $# -gt 0 ]; do
+  if [ "$1" = --save ] && [ -n "${MFOLD_SAVED_ITERATION:-}" ]; then
+    echo "$MFOLD_SAVED_ITERATION" > "$2/latest_checkpointed_iteration.txt"
+  fi
+  shift
+done
+""",
+    "squeue": """#!/bin/bash
+# Fake squeue: `squeue -h -j ID -o %L` says the job's time left.
+[ "$*" = "-h -j $SLURM_JOB_ID -o %L" ] || exit 1
+echo "$MFOLD_TIME_LEFT"
 """,
     "scontrol": """#!/bin/bash
 # Fake scontrol: `scontrol show hostnames LIST` names the allocation's nodes.
@@ -60,10 +75,12 @@ def _sbatch(script, tmp_path, nodes, **extra):
     """Run `script` as sbatch would on an allocation of `nodes` nodes; return (result, record dir)."""
     record = tmp_path / "record"
     record.mkdir(exist_ok=True)
+    job_name = next(l for l in pathlib.Path(script).read_text().splitlines() if l.startswith("#SBATCH --job-name="))
     env = {"PATH": f"{_fake_bin(tmp_path)}:{os.environ['PATH']}", "HOME": str(tmp_path),
            "MFOLD_RECORD": str(record), "SLURM_JOB_ID": "4242", "SLURM_JOB_NUM_NODES": str(nodes),
-           "SLURM_JOB_NODELIST": f"gpu-node-[001-{nodes:03d}]", "LOG_ROOT": str(tmp_path / "logs"),
-           "CHECKPOINT_ROOT": str(tmp_path / "ckpt"), **extra}
+           "SLURM_JOB_NAME": job_name.split("=", 1)[1], "SLURM_JOB_NODELIST": f"gpu-node-[001-{nodes:03d}]",
+           "LOG_ROOT": str(tmp_path / "logs"), "CHECKPOINT_ROOT": str(tmp_path / "ckpt"),
+           "MFOLD_TIME_LEFT": "1-23:59:30", **extra}
     r = subprocess.run(["bash", str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
     return r, record
 
@@ -95,8 +112,8 @@ def megatron_validate(monkeypatch):
     def validate(argv, env):
         for key in ("WORLD_SIZE", "CUDA_DEVICE_MAX_CONNECTIONS"):
             monkeypatch.setenv(key, env[key])
-        if not _have_te():  # TransformerConfig refuses RoPE fusion without Transformer Engine (a GPU package)
-            argv = [*argv, "--no-rope-fusion"]
+        if not _have_te():  # TransformerConfig refuses RoPE fusion, and the plugin TE layers, without TE (a GPU package)
+            argv = [*argv, "--no-rope-fusion", "--transformer-impl", "local"]
         monkeypatch.setattr(sys, "argv", ["pretrain_gpt.py", *megatron_lm.with_fold_spec(argv)])
         args = arguments.parse_args()
         arguments.validate_args(args, {})
@@ -144,26 +161,77 @@ def test_script_runs_with_fake_srun_and_torchrun(name, tmp_path, megatron_valida
     env = dict(kv.split("=", 1) for kv in _nul_list(record / "torchrun.env"))
     assert env["CUDA_DEVICE_MAX_CONNECTIONS"] == "1" and env["MEGATRON_LM_PATH"] == "/opt/Megatron-LM"
     assert (tmp_path / "logs" / "4242" / "train.log").read_text().startswith("fake torchrun")
-    assert (tmp_path / "ckpt" / "4242").is_dir()
+    run_dir = tmp_path / "ckpt" / f"mfold-{name.removesuffix('.sbatch').replace('_', '-')}"  # the job name
+    assert run_dir.is_dir()
     megatron_args = args[m + 4:]
-    assert "--load" not in megatron_args  # LOAD_DIR empty: a fresh start
     parsed = megatron_validate(megatron_args, {"WORLD_SIZE": str(gpus), **env})
     assert parsed.moe_fold and parsed.spec == megatron_lm.SPEC
-    assert (parsed.data_path, parsed.tokenizer_model, parsed.save) == (
-        ["/data/web_text_document"], "/models/tokenizer", f"{tmp_path}/ckpt/4242")
+    assert (parsed.data_path, parsed.tokenizer_model, parsed.save, parsed.load) == (
+        ["/data/web_text_document"], "/models/tokenizer", str(run_dir), str(run_dir))
+    # 1 day 23:59:30 left, less the 15-minute margin
+    assert parsed.exit_duration_in_mins == 24 * 60 + 23 * 60 + 59 - 15
     layout = megatron_lm.layout_from_args(parsed)
     assert layout.world_size == gpus and layout.ep == 8
 
 
-def test_resume_and_wrong_allocation(tmp_path):
-    script = ROOT / "scripts" / "slurm" / "qwen2_57b_a14b.sbatch"
-    r, record = _sbatch(script, tmp_path, 8, LOAD_DIR="/ckpt/4100")
+def _load_save(record) -> tuple[str, str]:
     args = _nul_list(record / "torchrun.args")
-    assert r.returncode == 0 and args[args.index("--load") + 1] == "/ckpt/4100"
+    return args[args.index("--load") + 1], args[args.index("--save") + 1]
+
+
+def test_second_submission_resumes_from_the_first_ones_directory(tmp_path):
+    script = ROOT / "scripts" / "slurm" / "qwen2_57b_a14b.sbatch"
+    run_dir = str(tmp_path / "ckpt" / "mfold-qwen2-57b-a14b")
+    r, record = _sbatch(script, tmp_path, 8, MFOLD_SAVED_ITERATION="3000")  # the first job saves iteration 3000
+    assert r.returncode == 0, r.stderr
+    assert _load_save(record) == (run_dir, run_dir) and "from iteration 0," in r.stdout
+    # Resubmitted (a new job id): --load is the first job's directory, which now holds iteration 3000.
+    r, record = _sbatch(script, tmp_path, 8, SLURM_JOB_ID="4243", MFOLD_SAVED_ITERATION="6000")
+    assert r.returncode == 0 and _load_save(record) == (run_dir, run_dir), r.stderr
+    assert f"run mfold-qwen2-57b-a14b: from iteration 3000, checkpoints in {run_dir}" in r.stdout
+    # Requeued by Slurm (the same job id again): the same directory, and the job's log is appended to.
+    r, record = _sbatch(script, tmp_path, 8, SLURM_JOB_ID="4243", SLURM_RESTART_COUNT="1")
+    assert r.returncode == 0 and _load_save(record) == (run_dir, run_dir) and "from iteration 6000," in r.stdout
+    assert (tmp_path / "logs" / "4243" / "train.log").read_text().count("fake torchrun on") == 2
+    # Another run name (sbatch -J, or RUN_NAME) is another run: a directory of its own.
+    r, record = _sbatch(script, tmp_path, 8, SLURM_JOB_NAME="ablation")
+    assert _load_save(record) == (str(tmp_path / "ckpt" / "ablation"),) * 2 and "from iteration 0," in r.stdout
+    # A run that has reached TRAIN_ITERS: the next job of a dependency chain starts nothing.
+    (record / "torchrun.args").unlink()
+    r, record = _sbatch(script, tmp_path, 8, SLURM_JOB_ID="4244", TRAIN_ITERS="6000")
+    assert r.returncode == 0 and not (record / "torchrun.args").exists()
+    assert "has trained 6000 of 6000 iterations" in r.stdout
+
+
+@pytest.mark.parametrize("left, minutes", [("2-00:00:00", 2 * 1440 - 15), ("08:09:59", 8 * 60 + 9 - 15),
+                                           ("45:00", 30), ("UNLIMITED", None), ("", None)])
+def test_exit_before_the_time_limit(tmp_path, left, minutes):
+    script = ROOT / "scripts" / "slurm" / "mixtral_8x22b.sbatch"
+    r, record = _sbatch(script, tmp_path, 16, MFOLD_TIME_LEFT=left)
+    assert r.returncode == 0, r.stderr
+    args = _nul_list(record / "torchrun.args")
+    if minutes is None:
+        assert "--exit-duration-in-mins" not in args and "no time limit" in r.stdout
+    else:
+        assert args[args.index("--exit-duration-in-mins") + 1] == str(minutes)
+
+
+def test_script_requeues_and_appends():
+    for name in SHIPPED:
+        lines = (ROOT / "scripts" / "slurm" / name).read_text().splitlines()
+        assert "#SBATCH --requeue" in [l.split("  #")[0] for l in lines]
+        assert "#SBATCH --open-mode=append" in [l.split("  #")[0] for l in lines]
+
+
+def test_wrong_allocation_and_too_little_time(tmp_path):
+    script = ROOT / "scripts" / "slurm" / "qwen2_57b_a14b.sbatch"
     r, _ = _sbatch(script, tmp_path, 3)
     assert r.returncode == 2 and "needs 8 nodes" in r.stderr
     r, _ = _sbatch(script, tmp_path, 8, SLURM_JOB_ID="")
     assert r.returncode != 0 and "submit this script with sbatch" in r.stderr
+    r, record = _sbatch(script, tmp_path, 8, MFOLD_TIME_LEFT="14:59")
+    assert r.returncode == 2 and "has 14 minutes left, not more than EXIT_MARGIN_MINS=15" in r.stderr
+    assert not (record / "torchrun.args").exists()
 
 
 def test_slurm_refuses_no_fold(tmp_path, capsys):

@@ -5,9 +5,19 @@ through a c10d rendezvous on the first node of the allocation (SLURM_JOB_NODELIS
 SLURM_JOB_ID. The training command is the drop-in (`-m megatron_fold.pretrain_gpt ... --moe-fold`);
 what the planner does not choose (Megatron-LM checkout, data, tokenizer, checkpoints, iterations,
 learning rate) is a variable at the top, overridable from the environment at submission
-(`DATA_PATH=... sbatch job.sbatch`). Logs and checkpoints go to directories named by the job id, so
-resubmissions never overwrite each other; `--load` points at the checkpoint directory of the run
-given in LOAD_DIR (empty: start fresh).
+(`DATA_PATH=... sbatch job.sbatch`).
+
+Resuming: checkpoints go to one directory per run name ($CHECKPOINT_ROOT/$RUN_NAME, the run name being
+the Slurm job name unless RUN_NAME says otherwise), and `--save` and `--load` both point at it, so a
+requeued job (`#SBATCH --requeue`: node failure, preemption, `scontrol requeue`) and every later
+submission of the script continue from the latest checkpoint; a run that has reached TRAIN_ITERS exits
+at once, so a dependency chain may be longer than needed. Before the time limit the ranks save and exit
+cleanly: Megatron's `--exit-duration-in-mins`, computed from the job's remaining time (squeue %L) less
+EXIT_MARGIN_MINS. Why not `--signal=B:USR1@...` with `--exit-signal-handler`: a B: signal reaches only
+the batch shell, and torchrun stands between it and the ranks; torchrun forwards SIGUSR1 only when told
+to (`--signals-to-handle`, recent torch; otherwise SIGUSR1's default action ends torchrun, and the ranks
+with it, mid-save), and then kills the ranks after its shutdown timeout. The time-based exit needs no
+signal to reach the ranks. Logs go to $LOG_ROOT/$SLURM_JOB_ID, appended on a requeue.
 """
 
 from __future__ import annotations
@@ -23,15 +33,31 @@ _VARIABLES = {
     "MEGATRON_LM": ("/path/to/Megatron-LM", "Megatron-LM checkout at tag core_v0.19.0 (holds pretrain_gpt.py)"),
     "DATA_PATH": ("/path/to/dataset_text_document", "Megatron indexed dataset prefix (.bin/.idx)"),
     "TOKENIZER_MODEL": ("/path/to/tokenizer", "Hugging Face tokenizer directory or name"),
-    "CHECKPOINT_ROOT": ("$PWD/checkpoints", "checkpoints go to $CHECKPOINT_ROOT/$SLURM_JOB_ID"),
-    "LOAD_DIR": ("", "checkpoint directory to resume from (empty: start fresh)"),
+    "CHECKPOINT_ROOT": ("$PWD/checkpoints", "checkpoints go to $CHECKPOINT_ROOT/$RUN_NAME (saved and resumed)"),
     "LOG_ROOT": ("$PWD/logs", "logs go to $LOG_ROOT/$SLURM_JOB_ID"),
     "TRAIN_ITERS": ("500000", "optimizer steps"),
     "LR": ("1e-4", "peak learning rate"),
     "MIN_LR": ("1e-5", "final learning rate (cosine decay)"),
-    "SAVE_INTERVAL": ("1000", "steps between checkpoints"),
+    "SAVE_INTERVAL": ("1000", "steps between checkpoints (a requeue after a failure resumes from the last)"),
+    "EXIT_MARGIN_MINS": ("15", "minutes before the time limit to save a checkpoint and exit"),
     "MASTER_PORT": ("29500", "rendezvous port on the first node"),
 }
+
+# squeue's %L (time left): [days-]hours:minutes:seconds, minutes:seconds, or UNLIMITED / NOT_SET.
+_MINUTES_LEFT = [
+    "minutes_left() {  # squeue's %L ([D-]HH:MM:SS or MM:SS) in whole minutes; fails on UNLIMITED",
+    '  local left="$1" days=0 hours=0 minutes parts',
+    '  if [[ "$left" == *-* ]]; then days="${left%%-*}"; left="${left#*-}"; fi',
+    '  IFS=: read -r -a parts <<< "$left"',
+    '  case "${#parts[@]}" in',
+    '    3) hours="${parts[0]}"; minutes="${parts[1]}" ;;',
+    '    2) minutes="${parts[0]}" ;;',
+    "    *) return 1 ;;",
+    "  esac",
+    '  [[ "$days$hours$minutes" =~ ^[0-9]+$ ]] || return 1',
+    '  echo "$(( 10#$days * 1440 + 10#$hours * 60 + 10#$minutes ))"',
+    "}",
+]
 
 
 def _quote(arg: str) -> str:
@@ -63,12 +89,16 @@ def sbatch_script(layout: FoldedLayout, megatron_args: list[str], *, job_name: s
         f"#SBATCH --gpus-per-node={gpn}",
         "#SBATCH --exclusive",
         f"#SBATCH --time={time_limit}",
+        "#SBATCH --requeue  # after a node failure or preemption, resume from the run's latest checkpoint",
         "#SBATCH --output=slurm-%x-%j.out",
+        "#SBATCH --open-mode=append  # a requeued job appends to its output",
         "",
         "set -euo pipefail",
         "",
         "# ---- paths and run settings (edit, or set in the environment) ----",
     ]
+    lines.append(f'RUN_NAME="${{RUN_NAME:-${{SLURM_JOB_NAME:-{job_name}}}}}"  # one checkpoint directory per run '
+                 "name: every submission of this name resumes it")
     for name, (default, comment) in _VARIABLES.items():
         lines.append(f'{name}="${{{name}:-{default}}}"  # {comment}')
     lines += [
@@ -85,8 +115,30 @@ def sbatch_script(layout: FoldedLayout, megatron_args: list[str], *, job_name: s
         # sed reads every line: `head -n 1` would end the pipe early and, under pipefail, fail the job (SIGPIPE)
         'MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)"',
         'LOG_DIR="$LOG_ROOT/$JOB_ID"',
-        'CHECKPOINT_DIR="$CHECKPOINT_ROOT/$JOB_ID"',
+        'CHECKPOINT_DIR="$CHECKPOINT_ROOT/$RUN_NAME"',
         'mkdir -p "$LOG_DIR" "$CHECKPOINT_DIR"',
+        "",
+        "# ---- resume: --save and --load are the run's directory; Megatron starts fresh when it is empty ----",
+        'DONE_ITERS="$(cat "$CHECKPOINT_DIR/latest_checkpointed_iteration.txt" 2>/dev/null || echo 0)"',
+        'if [[ "$DONE_ITERS" =~ ^[0-9]+$ ]] && [ "$DONE_ITERS" -ge "$TRAIN_ITERS" ]; then',
+        '  echo "run $RUN_NAME has trained $DONE_ITERS of $TRAIN_ITERS iterations ($CHECKPOINT_DIR): nothing to do"',
+        "  exit 0",
+        "fi",
+        'echo "run $RUN_NAME: from iteration $DONE_ITERS, checkpoints in $CHECKPOINT_DIR"',
+        "",
+        "# ---- save and exit before the time limit (Megatron's --exit-duration-in-mins; see EXIT_MARGIN_MINS) ----",
+        *_MINUTES_LEFT,
+        'TIME_LEFT="$(squeue -h -j "$JOB_ID" -o %L || true)"',
+        'if MINUTES_LEFT="$(minutes_left "$TIME_LEFT")"; then',
+        '  if [ "$MINUTES_LEFT" -le "$EXIT_MARGIN_MINS" ]; then',
+        '    echo "job $JOB_ID has $MINUTES_LEFT minutes left, not more than EXIT_MARGIN_MINS=$EXIT_MARGIN_MINS" >&2',
+        "    exit 2",
+        "  fi",
+        '  EXIT_ARGS=(--exit-duration-in-mins "$((MINUTES_LEFT - EXIT_MARGIN_MINS))")',
+        "else",
+        '  echo "job $JOB_ID: no time limit (squeue %L: $TIME_LEFT), so no exit before one"',
+        "  EXIT_ARGS=()",
+        "fi",
         "",
         "# ---- environment Megatron-LM requires ----",
         "export CUDA_DEVICE_MAX_CONNECTIONS=1  # TP / CP communication overlap (validate_args asserts it)",
@@ -116,12 +168,11 @@ def sbatch_script(layout: FoldedLayout, megatron_args: list[str], *, job_name: s
         ")",
         "CHECKPOINT_ARGS=(",
         '  --save "$CHECKPOINT_DIR"',
+        '  --load "$CHECKPOINT_DIR"',
         '  --save-interval "$SAVE_INTERVAL"',
         "  --ckpt-format torch_dist",
+        '  "${EXIT_ARGS[@]}"',
         ")",
-        'if [ -n "$LOAD_DIR" ]; then',
-        '  CHECKPOINT_ARGS+=(--load "$LOAD_DIR")',
-        "fi",
         "LOGGING_ARGS=(",
         "  --log-interval 1",
         "  --log-throughput",
@@ -135,7 +186,7 @@ def sbatch_script(layout: FoldedLayout, megatron_args: list[str], *, job_name: s
         '    --log-dir="$LOG_DIR/torchrun" \\',
         '    -m megatron_fold.pretrain_gpt --megatron-lm "$MEGATRON_LM" \\',
         '    "${MEGATRON_ARGS[@]}" "${DATA_ARGS[@]}" "${TRAINING_ARGS[@]}" "${CHECKPOINT_ARGS[@]}" "${LOGGING_ARGS[@]}" \\',
-        '    2>&1 | tee "$LOG_DIR/train.log"',
+        '    2>&1 | tee -a "$LOG_DIR/train.log"',
         "",
     ]
     return "\n".join(lines)

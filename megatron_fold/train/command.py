@@ -21,6 +21,7 @@ _SIZE_FLAGS = {  # flag -> TransformerConfig field, to scale a preset down (or u
     "num_layers": "num_layers", "hidden_size": "hidden_size", "ffn_hidden_size": "ffn_hidden_size",
     "num_attention_heads": "num_attention_heads", "num_query_groups": "num_query_groups",
     "num_experts": "num_moe_experts", "moe_ffn_hidden_size": "moe_ffn_hidden_size", "topk": "moe_router_topk",
+    "shared_expert_intermediate_size": "moe_shared_expert_intermediate_size", "kv_channels": "kv_channels",
 }
 
 
@@ -29,16 +30,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", default="mixtral-like",
                    help="mixtral-like, qwen2-moe-like, or a planner preset (mixtral-8x7b, qwen2-57b-a14b, ...) "
                         "scaled by the size flags")
-    g.add_argument("--hf-config", help="a Hugging Face config.json of the Mixtral / Qwen2-MoE / Qwen3-MoE family")
+    g.add_argument("--hf-config", help="a Hugging Face config.json of the Mixtral / Qwen2-MoE / Qwen3-MoE family "
+                                        "(prints which fields are taken, replaced and ignored)")
     for flag in _SIZE_FLAGS:
-        g.add_argument("--" + flag.replace("_", "-"), type=int, default=None)
+        g.add_argument("--" + flag.replace("_", "-"), type=int, default=None,
+                       help="0: no shared expert" if flag == "shared_expert_intermediate_size" else None)
+    g.add_argument("--vocab-size", type=int, default=None,
+                   help="embedding rows before padding (default: the tokenizer's vocabulary, not --hf-config's)")
     g.add_argument("--seq-length", type=int, default=64)
     g.add_argument("--drop-scope", choices=[s.value for s in DropScope], default="sequence")
     g.add_argument("--capacity-factor", type=float, default=None, help="token dropping (default: dropless)")
     g.add_argument("--dropless", action="store_true", help="no token dropping (the default)")
     g.add_argument("--drop-policy", choices=["probs", "position"], default="probs",
                    help="which routed tokens an over-capacity expert keeps: the most probable, or the earliest")
-    g.add_argument("--aux-loss-coeff", type=float, default=1e-2)
+    g.add_argument("--aux-loss-coeff", type=float, default=None,
+                   help="load-balancing loss coefficient (default: --hf-config's router_aux_loss_coef, else 0.01)")
     g.add_argument("--z-loss-coeff", type=float, default=None)
     g = p.add_argument_group("layout and ranks")
     g.add_argument("--layout", default="ep8", help="e.g. tp2,ep4,etp1 or tp1,cp2,pp2,ep4 (+ vpp2, mbs1)")
@@ -85,16 +91,21 @@ def _parse_layout(text: str) -> dict:
     return spec
 
 
-def _model_config(args) -> tuple[str, dict, int]:
-    """(model family, TransformerConfig overrides, tokenizer-independent vocab hint)."""
+def _model_config(args):
+    """(model family, TransformerConfig overrides, rotary base, the HFModel of --hf-config or None)."""
     from megatron_fold import models
 
     overrides: dict = {}
-    family = args.model
-    if args.hf_config or family not in models.MODEL_FAMILIES:
-        from megatron_fold.plan.models import from_hf_config, get_model
+    family, hf = args.model, None
+    if args.hf_config:
+        from megatron_fold.train.hf_config import read_hf_config
 
-        shape = from_hf_config(args.hf_config) if args.hf_config else get_model(family)
+        hf = read_hf_config(args.hf_config)
+        family, overrides = hf.family, hf.config
+    elif family not in models.MODEL_FAMILIES:
+        from megatron_fold.plan.models import get_model
+
+        shape = get_model(family)
         family = "qwen2-moe-like" if shape.shared_expert_ffn else "mixtral-like"
         overrides.update(num_layers=shape.num_layers, hidden_size=shape.hidden, num_attention_heads=shape.num_heads,
                          num_query_groups=shape.num_query_groups, kv_channels=shape.head_dim,
@@ -103,21 +114,72 @@ def _model_config(args) -> tuple[str, dict, int]:
                          add_qkv_bias=shape.qkv_bias, qk_layernorm=shape.qk_layernorm,
                          moe_shared_expert_intermediate_size=shape.shared_expert_ffn or None,
                          moe_shared_expert_gate=shape.shared_expert_gate)
+
+    def override(field, value, flag):
+        if hf is not None:
+            hf.replace(field, value, flag)
+        else:
+            overrides[field] = value
+
     for flag, field in _SIZE_FLAGS.items():
         value = getattr(args, flag)
-        if value is not None:
-            overrides[field] = value
-            if field == "hidden_size" and "kv_channels" in overrides:
-                del overrides["kv_channels"]  # follow hidden / heads again
+        if value is None:
+            continue
+        if field == "moe_shared_expert_intermediate_size":
+            override(field, value or None, "--shared-expert-intermediate-size")
+            overrides["moe_shared_expert_gate"] = bool(value) and overrides.get(
+                "moe_shared_expert_gate", models.MODEL_FAMILIES[family].config.get("moe_shared_expert_gate", False))
+        else:
+            override(field, value, "--" + flag.replace("_", "-"))
+    if args.hidden_size is not None and args.kv_channels is None and "kv_channels" in overrides:
+        heads = overrides.get("num_attention_heads", models.MODEL_FAMILIES[family].config["num_attention_heads"])
+        override("kv_channels", args.hidden_size // heads, "follows --hidden-size / heads; --kv-channels to choose")
     if args.capacity_factor is not None and args.dropless:
         raise ValueError("--capacity-factor and --dropless contradict each other; give one")
     if args.capacity_factor is not None:
         overrides["moe_expert_capacity_factor"] = args.capacity_factor
         overrides["moe_token_drop_policy"] = args.drop_policy
-    overrides["moe_aux_loss_coeff"] = args.aux_loss_coeff
+    if args.aux_loss_coeff is not None:
+        override("moe_aux_loss_coeff", args.aux_loss_coeff, "--aux-loss-coeff")
+    overrides.setdefault("moe_aux_loss_coeff", 1e-2)
     if args.z_loss_coeff is not None:
         overrides["moe_z_loss_coeff"] = args.z_loss_coeff
-    return family, overrides, 0
+    return family, overrides, hf.rotary_base if hf else 10000.0, hf
+
+
+def _vocab_rows(args, tokenizer) -> int:
+    """Embedding rows before TP padding: the tokenizer's vocabulary, or --vocab-size (at least that)."""
+    if args.vocab_size is None:
+        return tokenizer.vocab_size
+    if args.vocab_size < tokenizer.vocab_size:
+        raise ValueError(f"--vocab-size {args.vocab_size} is smaller than the tokenizer's vocabulary of "
+                         f"{tokenizer.vocab_size}; token ids beyond it would index past the embedding")
+    return args.vocab_size
+
+
+def hf_config_report(args) -> str:
+    """What --hf-config gave the model (taken, replaced, ignored), printed before any rank starts."""
+    return hf_config_account(args).report() + "\n  (embedding rows are padded to a multiple of 128 x max(TP, 8), as Megatron-LM pads to 128 x TP)"
+
+
+def hf_config_account(args):
+    """The HFModel of --hf-config with this run's flags applied, and the vocabulary and sequence length this
+    run uses in place of the config's."""
+    from megatron_fold.train import data as data_mod
+
+    hf = _model_config(args)[3]
+    tokenizer = data_mod.load_tokenizer(args.tokenizer)
+    rows = _vocab_rows(args, tokenizer)
+    vocab = f"{hf.vocab_size} -> embedding rows {rows}"
+    why = "--vocab-size" if args.vocab_size is not None else f"the tokenizer's vocabulary: {args.tokenizer or 'bytes'}"
+    if rows == hf.vocab_size:
+        hf.taken["vocab_size"] = f"{vocab} ({why})"
+    else:
+        hf.replaced["vocab_size"] = f"{vocab} ({why}{'' if args.vocab_size else '; --vocab-size sets the rows'})"
+    if hf.max_position_embeddings is not None:
+        hf.replaced["max_position_embeddings"] = (f"{hf.max_position_embeddings} -> {args.seq_length} (--seq-length, "
+                                                  "the trained length; RoPE has no position table)")
+    return hf
 
 
 def spec_from_args(args, layout_text: str, out_dir: str):
@@ -132,13 +194,14 @@ def spec_from_args(args, layout_text: str, out_dir: str):
     elif args.micro_batch_size and args.micro_batch_size != layout["mbs"]:
         raise ValueError(f"--layout {layout_text} says mbs{layout['mbs']} but --micro-batch-size is "
                          f"{args.micro_batch_size}; give one")
-    family, overrides, _ = _model_config(args)
+    family, overrides, rotary_base, _ = _model_config(args)
     tokenizer = data_mod.load_tokenizer(args.tokenizer)
     if args.mock_data and args.data_path:
         raise ValueError("--mock-data and --data-path contradict each other; give one")
     return JobSpec(
         family=family, config_overrides=overrides, layout=layout, drop_scope=args.drop_scope,
-        vocab_size=data_mod.padded_vocab_size(tokenizer.vocab_size, layout.get("tp", 1)),
+        vocab_size=data_mod.padded_vocab_size(_vocab_rows(args, tokenizer), layout.get("tp", 1)),
+        rotary_base=rotary_base,
         seq_length=args.seq_length, global_batch=args.global_batch, steps=args.steps,
         schedule=Schedule(lr=args.lr, min_lr=args.min_lr, warmup_steps=args.warmup_steps,
                           decay_steps=args.lr_decay_steps or args.steps, clip_grad=args.clip_grad),
@@ -315,6 +378,8 @@ def run(args) -> int:
         check_spec(spec, world)
         _check_checkpoint(spec, world, lr_decay_given=args.lr_decay_steps is not None)
     is_rank0 = not _under_torchrun() or int(os.environ["RANK"]) == 0
+    if is_rank0 and args.hf_config:
+        print(hf_config_report(args), flush=True)
     if is_rank0:
         for d in out_dirs:
             os.makedirs(d, exist_ok=True)

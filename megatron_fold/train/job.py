@@ -54,6 +54,7 @@ class JobSpec:
     progress: bool = True
     quiet: bool = True                  # silence Megatron's deprecation notices and library warnings
     title: str = ""
+    rotary_base: float = 10000.0        # RoPE base (a Hugging Face config's rope_theta)
 
     @property
     def mbs(self) -> int:
@@ -106,6 +107,7 @@ def _train(rank, layout, pgs, spec: JobSpec, tensor_parallel) -> dict | None:
     config = models.model_config(spec.family, layout, virtual_pipeline_stages=spec.vpp,
                                  calculate_per_token_loss=True, **spec.config_overrides)
     chunks = models.build_model(config, pgs, vocab_size=spec.vocab_size, seq_length=spec.seq_length,
+                                rotary_base=spec.rotary_base,
                                 drop_scope=spec.drop_scope)
     if torch.cuda.is_available():
         chunks = [c.cuda() for c in chunks]
