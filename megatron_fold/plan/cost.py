@@ -66,7 +66,8 @@ from megatron_fold.plan.terms import (attention_time, cp_attention_exchange_time
                                       permutation_time, ring_collective_time, sequence_scope_gather_time,
                                       sequence_scope_rows)
 
-__all__ = ["Choice", "Estimate", "estimate", "memory_gb", "stage_params", "model_flops_per_token",
+__all__ = ["Choice", "Estimate", "estimate", "memory_gb", "stage_memory", "stage_params", "model_flops_per_token",
+           "megatron_activations_per_layer", "moe_activations_per_layer", "FRAGMENTATION", "RUNTIME_OVERHEAD_GB",
            "in_flight_microbatches", "interleaving_violation", "DROPLESS_MEMORY_LOAD_FACTOR",
            "expert_load_factor"]
 
@@ -75,6 +76,9 @@ __all__ = ["Choice", "Estimate", "estimate", "memory_gb", "stage_params", "model
 # share (a sizing margin, not a time constant).
 DROPLESS_MEMORY_LOAD_FACTOR = 1.2
 RUNTIME_OVERHEAD_GB = 3.0
+# Allocator slack over activations: Megatron-LM's own estimate adds 5% "for optimizer and
+# miscellaneous temporaries" (theoretical_memory_usage.compute_activation_memory_without_sp).
+FRAGMENTATION = 0.05
 GB = 1e9
 
 
@@ -86,11 +90,16 @@ class Choice:
     vpp: int = 1
     micro_batch: int = 1
     recompute: bool = False
+    # Megatron's distributed optimizer (sharded fp32 state, reduce-scatter + all-gather). The search
+    # always uses it (it never costs more memory or traffic); False models Megatron-LM's plain
+    # optimizer (whole state on every GPU, one fp32 gradient all-reduce) for `plan --layout` checks.
+    distributed_optimizer: bool = True
 
     def label(self) -> str:
         l = self.layout
         return (f"TP{l.tp} CP{l.cp} PP{l.pp} VPP{self.vpp} EP{l.ep} ETP{l.etp} DP{l.dp} EDP{l.edp} "
                 f"mbs{self.micro_batch}{' recompute' if self.recompute else ''}"
+                f"{'' if self.distributed_optimizer else ' plain-optimizer'}"
                 f"{' tp-pp-dp' if l.order == TP_PP_DP_ORDER else ''}")
 
     def megatron_args(self, m: ModelSpec, seq: int, global_batch: int, capacity_factor: float | None) -> list[str]:
@@ -102,10 +111,10 @@ class Choice:
             # The model assumes these: BF16 with grouped expert GEMMs, sharded optimizer state,
             # overlapped data-parallel traffic, and the all-to-all dispatcher's traffic (Megatron's
             # default dispatcher is allgather).
-            "--bf16", "--moe-grouped-gemm",
-            "--use-distributed-optimizer", "--overlap-grad-reduce", "--overlap-param-gather",
-            "--moe-token-dispatcher-type=alltoall",
+            "--bf16", "--moe-grouped-gemm", "--overlap-grad-reduce", "--moe-token-dispatcher-type=alltoall",
         ]
+        if self.distributed_optimizer:
+            args += ["--use-distributed-optimizer", "--overlap-param-gather"]
         if self.vpp > 1:
             args.append(f"--num-layers-per-virtual-pipeline-stage={m.num_layers // (self.layout.pp * self.vpp)}")
         if self.recompute:
@@ -150,16 +159,19 @@ class Estimate:
         }
 
 
-def model_flops_per_token(m: ModelSpec, seq: int) -> float:
-    """Forward FLOPs per token (dense math the model defines; causal attention counted once)."""
+def model_flops_per_token(m: ModelSpec, seq: int, tp: int = 1) -> float:
+    """Forward FLOPs per token as Megatron-LM counts them for its TFLOP/s log
+    (training.num_floating_point_operations, divided by 3 for forward + two backward GEMMs): 2 x the
+    matmul weights a token meets (QKV, projection, top-k routed and shared experts, the output layer
+    over the vocabulary padded for `tp`) plus causal attention 2*s*a*d. Like Megatron it leaves out the
+    router and shared-expert gate GEMMs (under 1% of a layer): the time model still runs them, so
+    the MFU printed is the one Megatron-LM would log."""
     per_layer = (2 * m.hidden * (m.num_heads + 2 * m.num_query_groups) * m.head_dim
                  + 2 * m.hidden * m.num_heads * m.head_dim
                  + 2 * seq * m.num_heads * m.head_dim
                  + 6 * m.hidden * m.moe_ffn * m.topk
-                 + 6 * m.hidden * m.shared_expert_ffn
-                 + (2 * m.hidden if m.shared_expert_gate else 0)
-                 + 2 * m.hidden * m.num_experts)
-    return m.num_layers * per_layer + 2 * m.hidden * m.vocab
+                 + 6 * m.hidden * m.shared_expert_ffn)
+    return m.num_layers * per_layer + 2 * m.hidden * m.padded_vocab(tp)
 
 
 def in_flight_microbatches(p: int, v: int, M: int, rank: int) -> float:
@@ -211,60 +223,107 @@ def _placement(layout: FoldedLayout) -> _Placement:
     return _Placement(intra, peers)
 
 
-def stage_params(m: ModelSpec, layout: FoldedLayout, stage: int) -> tuple[float, float]:
+def stage_params(m: ModelSpec, layout: FoldedLayout, stage: int, vocab: int | None = None) -> tuple[float, float]:
     """(dense, expert) parameters on one GPU of pipeline stage `stage`, exactly as Megatron-Core builds
     them: TP splits the linear layers and the vocabulary, EP x ETP the experts; norms, router and
     shared-expert gate are whole on every TP rank; the first stage holds the embedding, the last the
-    output layer (a copy of the embedding when tied) and the final norm."""
+    output layer (a copy of the embedding when tied) and the final norm. `vocab`: the vocabulary the
+    model is built with, by default Megatron-LM's padded one (ModelSpec.padded_vocab)."""
     t, p = layout.tp, layout.pp
+    embedding = (vocab if vocab is not None else m.padded_vocab(t)) * m.hidden
     layers = m.num_layers // p
     repl = m.tp_replicated_params_per_layer
     dense = layers * ((m.attention_params_per_layer + m.dense_moe_params_per_layer - repl) / t + repl)
     if stage == 0:
-        dense += m.embedding_params / t
+        dense += embedding / t
     if stage == p - 1:
         dense += m.hidden  # final norm
         if m.untied_embeddings or p > 1:
-            dense += m.embedding_params / t  # output layer: its own weights, or the tied copy
+            dense += embedding / t  # output layer: its own weights, or the tied copy
     return dense, layers * m.expert_params_per_layer / (layout.ep * layout.etp)
+
+
+def megatron_activations_per_layer(m: ModelSpec, n: float) -> float:
+    """Bytes one layer keeps for one micro-batch of n tokens per GPU, as Megatron-LM's
+    theoretical_memory_usage.compute_activation_memory counts them (Korthikanti et al. 2022, Table 2,
+    sequence parallelism with selective recomputation, which flash attention matches: no s^2 term):
+    n*h*(18 + 4*F/h) = attention 11nh + two norms 4nh + the MLP's input and dropout mask 3nh + its
+    hidden activations 4nF, with F the FFN width (for a MoE model Megatron passes the expert's)."""
+    return n * (18 * m.hidden + 4 * m.moe_ffn)
+
+
+def moe_activations_per_layer(m: ModelSpec, n: float, rows: float, etp: int, lf: float) -> float:
+    """Bytes a MoE layer keeps beyond the dense FFN that megatron_activations_per_layer counts in its
+    place (Megatron's formula has no routing). Per micro-batch, from what Megatron-Core 0.19's MoE
+    layer saves for its backward (token_dispatcher.py alltoall path, experts.py TEGroupedMLP,
+    moe_utils.unpermute):
+      routed experts, `rows` rows on this GPU: fc1 input 2h, SwiGLU input 2*(2F/u), its output 2*(F/u)
+        -> rows*(2h + 6F/u)
+      unpermute keeps the combined expert outputs for the probabilities' gradient: n*k*lf*2h
+      router: logits and probabilities in fp32: n*E*8
+      shared expert (column-parallel fc1 output 2Fs, SwiGLU output Fs, bf16): n*6Fs
+    minus the dense FFN's 4nF that Megatron counts instead (its 3nh of input and mask stay: the MoE
+    layer keeps the same norm output and dropout mask)."""
+    h, F, Fs = m.hidden, m.moe_ffn, m.shared_expert_ffn
+    return (rows * (2 * h + 6 * F / etp) + n * m.topk * lf * 2 * h + n * m.num_experts * 8 + n * 6 * Fs
+            - 4 * n * F)
+
+
+def stage_memory(m: ModelSpec, choice: Choice, seq: int, global_batch: int, capacity_factor: float | None,
+                 rank: int) -> dict[str, float]:
+    """Memory per GPU (GB) of pipeline rank `rank`, by named term. The first four are what Megatron-LM's
+    theoretical_memory_usage counts (weights, gradients and optimizer: compute_weight_and_optimizer_memory;
+    activations: compute_activation_memory, with CP and full recomputation added); the rest are what
+    it omits, each with its source (module docstring)."""
+    l, v, b = choice.layout, choice.vpp, choice.micro_batch
+    M = global_batch // (l.dp * b)
+    lf = capacity_factor if capacity_factor is not None else DROPLESS_MEMORY_LOAD_FACTOR
+    t, c, p, u = l.tp, l.cp, l.pp, l.etp
+    layers = m.num_layers // p
+    h = m.hidden
+    n = b * seq / (t * c)
+    rows = n * m.topk * u * lf
+    dense, experts = stage_params(m, l, rank)
+    flight = in_flight_microbatches(p, v, M, rank)
+    megatron_layer = megatron_activations_per_layer(m, n)
+    moe_layer = moe_activations_per_layer(m, n, rows, u, lf)
+    if choice.recompute:
+        # Full recomputation, one layer per checkpoint: each layer keeps its input (Korthikanti et al.,
+        # Table 2: 2sbh/t), and the layer being recomputed holds its whole activations once.
+        acts = 2 * n * h * layers * flight + megatron_layer
+        moe = moe_layer
+    else:
+        acts = megatron_layer * layers * flight
+        moe = moe_layer * layers * flight
+    if rank == 0:
+        acts += flight * n * (8 + h)  # embedding: int64 token ids and dropout mask (Megatron's formula)
+    out = {
+        "weights": 2 * (dense + experts) / GB,
+        "gradients": 4 * (dense + experts) / GB,
+        "optimizer": (12 * (dense / (l.dp * c) + experts / l.edp) if choice.distributed_optimizer
+                      else 12 * (dense + experts)) / GB,
+        "activations": acts / GB,
+        "moe_activations": moe / GB,
+        # Transient in the busiest layer: the permuted tokens, the all-to-all's receive buffer and,
+        # with ETP > 1, the gathered rows (token_dispatcher.py), alive together before the experts run.
+        "moe_dispatch_buffers": (2 * n * m.topk * lf * 2 * h + (rows * 2 * h if u > 1 else 0)) / GB,
+    }
+    if rank == p - 1:
+        # Output layer input and logits in fp32 for the cross entropy, 4*n*(h + V) (Megatron's formula
+        # counts them at PP 1 only: it sizes the first stage).
+        out["logits"] = 4 * n * (h + m.padded_vocab(t)) / GB
+    out["fragmentation"] = FRAGMENTATION * (out["activations"] + out["moe_activations"])
+    out["cuda_nccl_context"] = RUNTIME_OVERHEAD_GB
+    return out
 
 
 def memory_gb(m: ModelSpec, choice: Choice, seq: int, global_batch: int,
               capacity_factor: float | None) -> tuple[str, dict[str, float]]:
     """(fuller stage, its memory per GPU by kind). Needs no placement: the search calls it first and
     estimates time only for choices that fit."""
-    l, v, b = choice.layout, choice.vpp, choice.micro_batch
-    M = global_batch // (l.dp * b)
-    lf = capacity_factor if capacity_factor is not None else DROPLESS_MEMORY_LOAD_FACTOR
-    t, c, p, e, u = l.tp, l.cp, l.pp, l.ep, l.etp
-    layers = m.num_layers // p
-    n = b * seq / (t * c)
-    rows = n * m.topk * u * lf
-    h, F, Fs = m.hidden, m.moe_ffn, m.shared_expert_ffn
-    qkv_width = (m.num_heads + 2 * m.num_query_groups) * m.head_dim
-
-    experts = stage_params(m, l, 0)[1]
-    per_layer = (2 * n * (2 * h + qkv_width + 2 * m.num_heads * m.head_dim)
-                 + 2 * (2 * n * h + rows * (h + 3 * F / u) + 3 * n * Fs))
-    logits = 4 * n * t * m.vocab / t
-
-    stages = {}
-    for name, rank in (("first", 0), ("last", p - 1)):
-        dense = stage_params(m, l, rank)[0]
-        flight = in_flight_microbatches(p, v, M, rank)
-        if choice.recompute:
-            acts = 2 * n * h * layers * flight + per_layer
-        else:
-            acts = per_layer * layers * flight
-        if rank == p - 1:
-            acts += logits
-        stages[name] = {
-            "weights": 2 * (dense + experts) / GB,
-            "gradients": 4 * (dense + experts) / GB,
-            "optimizer": 12 * (dense / (l.dp * c) + experts / l.edp) / GB,
-            "activations": acts / GB,
-            "runtime": RUNTIME_OVERHEAD_GB,
-        }
+    p = choice.layout.pp
+    stages = {name: stage_memory(m, choice, seq, global_batch, capacity_factor, rank)
+              for name, rank in (("first", 0), ("last", p - 1))}
     name = max(stages, key=lambda k: sum(stages[k].values()))
     return name, stages[name]
 
@@ -320,7 +379,7 @@ def estimate(m: ModelSpec, gpu: Profile, choice: Choice, seq: int, global_batch:
                    + (4 * rows * h / (gpu.hbm_gbs * GB) if e * u > 1 else 0.0))  # sort received chunks
     layer_fwd = gemm_fwd + attn_fwd + elementwise
     layer_bwd = gemm_bwd + 2 * attn_fwd + 2 * elementwise  # flash attention backward: 2x the forward
-    lt, lk = linear_time(n * t, h, m.vocab / t, gpu)
+    lt, lk = linear_time(n * t, h, m.padded_vocab(t) / t, gpu)
     logits_s = lt + lk
 
     # ---- communication per layer and micro-batch (forward; the backward has a twin of each) ----------
@@ -348,8 +407,11 @@ def estimate(m: ModelSpec, gpu: Profile, choice: Choice, seq: int, global_batch:
 
     # ---- data parallelism (distributed optimizer), overlapped with the last backward -------------------
     dense_params, expert_params = stage_params(m, l, p - 1)  # the last stage: the step waits for it
-    dp_s = (6 * dense_params * (l.dp * c - 1) / (l.dp * c) / (bw("dp_cp") * GB)
-            + 6 * expert_params * (l.edp - 1) / l.edp / (bw("edp") * GB))
+    # Distributed optimizer: fp32 gradient reduce-scatter (4 B) and bf16 parameter all-gather (2 B) per
+    # parameter; plain optimizer: one fp32 gradient all-reduce (2 x 4 B on a ring).
+    per_param = 6 if choice.distributed_optimizer else 8
+    dp_s = (per_param * dense_params * (l.dp * c - 1) / (l.dp * c) / (bw("dp_cp") * GB)
+            + per_param * expert_params * (l.edp - 1) / l.edp / (bw("edp") * GB))
     dp_exposed = max(0.0, dp_s - layers * layer_bwd)
 
     time_s = {k_: M * val for k_, val in stage.items()}
@@ -358,7 +420,7 @@ def estimate(m: ModelSpec, gpu: Profile, choice: Choice, seq: int, global_batch:
     step = sum(time_s.values())
 
     tokens = global_batch * seq
-    flops = 3 * model_flops_per_token(m, seq) * tokens
+    flops = 3 * model_flops_per_token(m, seq, t) * tokens
     world = l.world_size
     peak = gpu.peak_tflops * 1e12
     return Estimate(
