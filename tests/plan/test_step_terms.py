@@ -60,7 +60,7 @@ def hand_terms(m, world, tp, cp, pp, vpp, ep, etp, mbs, recompute, cf, ep_peers_
     rows = n * k * etp * lf
     vocab = -(-m.vocab // (128 * tp)) * 128 * tp
 
-    parts = [linear(n * tp, h, (a + 2 * g) * d / tp), linear(n * tp, a * d / tp, h), linear(n, h, E)]
+    parts = [linear(n * tp, h, (a + 2 * g) * d / tp), linear(n * tp, a * d / tp, h)]
     local = E // ep  # SwiGLU experts: fc1 [h -> 2F/ETP], fc2 [F/ETP -> h], one grouped launch each
     parts += [linear(rows / local, h, 2 * F / etp, local), linear(rows / local, F / etp, h, local)]
     if Fs:
@@ -68,11 +68,15 @@ def hand_terms(m, world, tp, cp, pp, vpp, ep, etp, mbs, recompute, cf, ep_peers_
     chunk = SEQ if cp == 1 else SEQ / (2 * cp)
     rate = dict(GPU.attention)[chunk] * 1e12  # the layouts below use measured block lengths
     attn = 2 * mbs * SEQ * SEQ * a * d / (tp * cp) / rate
-    permute = ((2 * n * lf * k + n * lf * k + n * lf) * h * 2 + 3 * n * lf * E * 4) / HBM
-    elementwise = (2 * (rows * 3 * F / etp + 10 * n * h + 3 * n * Fs) / HBM + permute
-                   + (4 * rows * h / HBM if ep * etp > 1 else 0))
+    elementwise = 2 * (rows * 3 * F / etp + 10 * n * h + 3 * n * Fs) / HBM
     fwd = sum(p[0] for p in parts) + attn + elementwise
-    bwd = sum(p[1] for p in parts) + 2 * attn + 2 * elementwise
+    bwd = sum(p[1] for p in parts) + 2.5 * attn + 2 * elementwise  # flash backward: 2.5x the FLOPs
+    # routing: router GEMM; permute (read k copies' sources, write k copies), unpermute (read k, write 1),
+    # fp32 logits / softmax / top-k (3 passes of E values); sorting received chunks (read + write)
+    shuffle = (((2 * n * lf * k + n * lf * k + n * lf) * h * 2 + 3 * n * lf * E * 4) / HBM
+               + (4 * rows * h / HBM if ep * etp > 1 else 0))
+    router = linear(n, h, E)
+    routing_fwd, routing_bwd = router[0] + shuffle, router[1] + 2 * shuffle
     logits = sum(linear(n * tp, h, vocab / tp))
     passes = 3 if recompute else 2
 
@@ -88,6 +92,7 @@ def hand_terms(m, world, tp, cp, pp, vpp, ep, etp, mbs, recompute, cf, ep_peers_
 
     stage = {
         "compute": L * (fwd * (2 if recompute else 1) + bwd) + logits,
+        "moe_routing": L * (routing_fwd * (2 if recompute else 1) + routing_bwd),
         "tp_comm": L * tp_layer * passes,
         "cp_comm": L * cp_layer * passes,
         "ep_comm": L * ep_layer * passes,
@@ -104,7 +109,9 @@ def hand_terms(m, world, tp, cp, pp, vpp, ep, etp, mbs, recompute, cf, ep_peers_
     dense = L * ((attn_params + 3 * h * Fs) / tp + replicated) + h + vocab * h / tp * (2 if pp == 1 else 1)
     experts = L * E * 3 * h * F / (ep * etp)
     dp_s = (6 * dense * (dp * cp - 1) / (dp * cp) / bw["dp_cp"] + 6 * experts * (edp - 1) / edp / bw["edp"])
-    terms["dp_comm_exposed"] = max(0.0, dp_s - L * bwd)
+    terms["dp_comm_exposed"] = max(0.0, dp_s - L * (bwd + routing_bwd))
+    # Adam over the local shard (28 B), gradient norm (4 B), bf16 copy (6 B); zeroing all fp32 gradients
+    terms["optimizer_step"] = (38 * (dense / (dp * cp) + experts / edp) + 4 * (dense + experts)) / HBM
     return terms
 
 
@@ -165,5 +172,5 @@ def test_pinned_layouts_exercise_every_term():
         _, est = _planned(case)
         for term, value in est.time_s.items():
             seen[term] = max(seen.get(term, 0.0), value)
-    zero = [t for t in ("compute", "tp_comm", "cp_comm", "ep_comm", "etp_comm", "pp_comm", "pipeline_bubble") if not seen[t] > 0]
+    zero = [t for t in ("compute", "moe_routing", "optimizer_step", "tp_comm", "cp_comm", "ep_comm", "etp_comm", "pp_comm", "pipeline_bubble") if not seen[t] > 0]
     assert not zero and seen["dp_comm_exposed"] > 0
