@@ -63,6 +63,8 @@ exposes only what exceeds each ring step's attention.
   optimizer all-reduces fp32 gradients instead (8 bytes). optimizer_step: HBM passes of fused Adam,
   gradient clipping and the bf16 copy over the local shard (38 B per parameter) and zeroing the
   fp32 gradient buffer (4 B per local parameter), not overlapped.
+- host_sync (dropless only): one host synchronisation per MoE layer forward (the token counts per
+  expert), the profile's host_sync_us each (calibrate measures it).
 - lf for time: expert_load_factor: the padded capacity when dropping (capacity.py's bound for the
   drop scope), the binomial straggler load when dropless (terms.dropless_straggler_load).
 - MFU = model FLOPs (3x forward, no recomputation, no load factor) / (step * GPUs * peak).
@@ -429,6 +431,11 @@ def estimate(m: ModelSpec, gpu: Profile, choice: Choice, seq: int, global_batch:
     }
     if drop_s:
         stage["drop_gather"] = layers * drop_s * passes
+    if capacity_factor is None:
+        # Dropless: each MoE layer's forward (and its recomputation) reads the token counts per expert on
+        # the host for the all-to-all splits and the grouped GEMM (token_dispatcher.py); the GPU idles
+        # for the round trip and the relaunch behind it. Drop-and-pad has static shapes and no sync.
+        stage["host_sync"] = layers * (2 if choice.recompute else 1) * gpu.host_sync_us * 1e-6
     t_stage = sum(stage.values())
 
     # ---- data parallelism (distributed optimizer), overlapped with the last backward -------------------
