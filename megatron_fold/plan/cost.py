@@ -155,7 +155,13 @@ class Estimate:
     memory_stage: str  # "first" or "last"
     time_s: dict[str, float]  # per-step seconds by component
     fits: bool
-    megatron_args: list[str] = field(default_factory=list)
+    # (model, seq, global batch, capacity factor): the arguments are built when asked for (the search
+    # estimates ~10^5 choices and prints a few).
+    args_of: tuple | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def megatron_args(self) -> list[str]:
+        return self.choice.megatron_args(*self.args_of) if self.args_of else []
 
     @property
     def memory_total_gb(self) -> float:
@@ -242,6 +248,7 @@ def _placement(layout: FoldedLayout) -> _Placement:
     return _Placement(intra, peers)
 
 
+@functools.lru_cache(maxsize=65536)
 def stage_params(m: ModelSpec, layout: FoldedLayout, stage: int, vocab: int | None = None) -> tuple[float, float]:
     """(dense, expert) parameters on one GPU of pipeline stage `stage`, exactly as Megatron-Core builds
     them: TP splits the linear layers and the vocabulary, EP x ETP the experts; norms, router and
@@ -348,6 +355,7 @@ def memory_gb(m: ModelSpec, choice: Choice, seq: int, global_batch: int,
     return name, stages[name]
 
 
+@functools.lru_cache(maxsize=65536)
 def expert_load_factor(m: ModelSpec, layout: FoldedLayout, n: float, micro_batch: int, seq: int,
                        capacity_factor: float | None, drop_scope: str) -> float:
     """Expert rows per GPU over the balanced n*k*ETP. Dropping with padding: every expert receives its
@@ -360,6 +368,44 @@ def expert_load_factor(m: ModelSpec, layout: FoldedLayout, n: float, micro_batch
     sequence, subsequence = sequence_scope_rows(local_seq, seq, micro_batch, m.topk, m.num_experts, capacity_factor)
     padded = sequence if drop_scope == "sequence" else subsequence
     return m.num_experts * padded / (n * m.topk)
+
+
+@functools.lru_cache(maxsize=65536)
+def _layer_times(m: ModelSpec, gpu: Profile, seq: int, b: int, t: int, c: int, e: int, u: int,
+                 lf: float) -> tuple[float, ...]:
+    """(layer forward, layer backward, routing forward, routing backward, attention forward, logits
+    forward + backward) in seconds for one micro-batch: the kernels depend on the shapes only, so the
+    search computes them once per shape rather than once per VPP, PP and recomputation choice."""
+    n = b * seq / (t * c)
+    h, F, Fs, E, k = m.hidden, m.moe_ffn, m.shared_expert_ffn, m.num_experts, m.topk
+    ad = m.num_heads * m.head_dim
+    qkv_width = (m.num_heads + 2 * m.num_query_groups) * m.head_dim
+    rows = n * k * u * lf  # expert rows on one GPU
+    # Sequence parallelism: attention and shared-expert GEMMs run on the TP group's gathered n*t tokens
+    # with TP-split weights; the router on this rank's n tokens.
+    gemms = [linear_time(n * t, h, qkv_width / t, gpu), linear_time(n * t, ad / t, h, gpu),
+             grouped_gemm_time(rows, E // e, h, F // u, gpu)]
+    if Fs:
+        gemms += [linear_time(n * t, h, 2 * Fs / t, gpu), linear_time(n * t, Fs / t, h, gpu)]
+    gemm_fwd, gemm_bwd = sum(g[0] for g in gemms), sum(g[1] for g in gemms)
+    chunk = seq if c == 1 else seq / (2 * c)  # ring attention works on 2*CP chunks
+    attn_fwd = attention_time(2 * b * seq * seq * ad / (t * c), chunk, gpu)  # causal: half of 4*b*s^2*a*d
+    elementwise = 2 * (rows * 3 * F / u + 10 * n * h + 3 * n * Fs) / (gpu.hbm_gbs * GB)  # SwiGLU, norms
+    layer_fwd = gemm_fwd + attn_fwd + elementwise
+    # Flash attention's backward recomputes the scores: five matmuls to the forward's two, 2.5x its
+    # FLOPs (Dao, FlashAttention-2, arXiv 2307.08691, and flash-attn's benchmark count), here at the
+    # forward's measured rate (the profile measures the forward only).
+    layer_bwd = gemm_bwd + ATTENTION_BACKWARD_FLOPS * attn_fwd + 2 * elementwise
+    # MoE routing kernels, a term of their own: the router GEMM, softmax / top-k, permutation and
+    # unpermutation (terms.permutation_time) and, with EP or ETP > 1, sorting the received chunks by
+    # expert; the backward moves the same bytes twice (gradients in, gradients out).
+    router_f, router_b = linear_time(n, h, E, gpu)
+    shuffle = permutation_time(n * lf, h, k, E, gpu) + (4 * rows * h / (gpu.hbm_gbs * GB) if e * u > 1 else 0.0)
+    routing_fwd, routing_bwd = router_f + shuffle, router_b + 2 * shuffle
+    lt, lk = linear_time(n * t, h, m.padded_vocab(t) / t, gpu)
+    logits_s = lt + lk
+
+    return layer_fwd, layer_bwd, routing_fwd, routing_bwd, attn_fwd, logits_s
 
 
 def estimate(m: ModelSpec, gpu: Profile, choice: Choice, seq: int, global_batch: int,
@@ -385,29 +431,7 @@ def estimate(m: ModelSpec, gpu: Profile, choice: Choice, seq: int, global_batch:
     # ---- compute, forward and backward per layer and micro-batch (terms.py) --------------------------
     lf = expert_load_factor(m, l, n, b, seq, capacity_factor, drop_scope)
     rows = n * k * u * lf  # expert rows on one GPU
-    # Sequence parallelism: attention and shared-expert GEMMs run on the TP group's gathered n*t tokens
-    # with TP-split weights; the router on this rank's n tokens.
-    gemms = [linear_time(n * t, h, qkv_width / t, gpu), linear_time(n * t, ad / t, h, gpu),
-             grouped_gemm_time(rows, E // e, h, F // u, gpu)]
-    if Fs:
-        gemms += [linear_time(n * t, h, 2 * Fs / t, gpu), linear_time(n * t, Fs / t, h, gpu)]
-    gemm_fwd, gemm_bwd = sum(g[0] for g in gemms), sum(g[1] for g in gemms)
-    chunk = seq if c == 1 else seq / (2 * c)  # ring attention works on 2*CP chunks
-    attn_fwd = attention_time(2 * b * seq * seq * ad / (t * c), chunk, gpu)  # causal: half of 4*b*s^2*a*d
-    elementwise = 2 * (rows * 3 * F / u + 10 * n * h + 3 * n * Fs) / (gpu.hbm_gbs * GB)  # SwiGLU, norms
-    layer_fwd = gemm_fwd + attn_fwd + elementwise
-    # Flash attention's backward recomputes the scores: five matmuls to the forward's two, 2.5x its
-    # FLOPs (Dao, FlashAttention-2, arXiv 2307.08691, and flash-attn's benchmark count), here at the
-    # forward's measured rate (the profile measures the forward only).
-    layer_bwd = gemm_bwd + ATTENTION_BACKWARD_FLOPS * attn_fwd + 2 * elementwise
-    # MoE routing kernels, a term of their own: the router GEMM, softmax / top-k, permutation and
-    # unpermutation (terms.permutation_time) and, with EP or ETP > 1, sorting the received chunks by
-    # expert; the backward moves the same bytes twice (gradients in, gradients out).
-    router_f, router_b = linear_time(n, h, E, gpu)
-    shuffle = permutation_time(n * lf, h, k, E, gpu) + (4 * rows * h / (gpu.hbm_gbs * GB) if e * u > 1 else 0.0)
-    routing_fwd, routing_bwd = router_f + shuffle, router_b + 2 * shuffle
-    lt, lk = linear_time(n * t, h, m.padded_vocab(t) / t, gpu)
-    logits_s = lt + lk
+    layer_fwd, layer_bwd, routing_fwd, routing_bwd, attn_fwd, logits_s = _layer_times(m, gpu, seq, b, t, c, e, u, lf)
 
     # ---- communication per layer and micro-batch (forward; the backward has a twin of each) ----------
     passes = 3 if choice.recompute else 2  # forward (+ recomputed forward) + backward
@@ -470,5 +494,5 @@ def estimate(m: ModelSpec, gpu: Profile, choice: Choice, seq: int, global_batch:
         choice=choice, step_time_s=step, tokens_per_s_per_gpu=tokens / step / world,
         tflops_per_gpu=flops / step / world / 1e12, mfu=flops / (step * world * peak),
         memory_gb=memory, memory_stage=memory_stage, time_s=time_s, fits=fits,
-        megatron_args=choice.megatron_args(m, seq, global_batch, capacity_factor),
+        args_of=(m, seq, global_batch, capacity_factor),
     )
