@@ -111,7 +111,7 @@ class Choice:
     recompute: bool = False
     # Megatron's distributed optimizer (sharded fp32 state, reduce-scatter + all-gather). The search
     # always uses it (it never costs more memory or traffic); False models Megatron-LM's plain
-    # optimizer (whole state on every GPU, one fp32 gradient all-reduce) for `plan --layout` checks.
+    # optimizer (whole state on every GPU, one fp32 gradient all-reduce); not a search or CLI option.
     distributed_optimizer: bool = True
 
     def label(self) -> str:

@@ -1,7 +1,7 @@
-"""Every term of the step time pinned against closed-form arithmetic written out here, for five
+"""Every term of the step time pinned against closed-form arithmetic written out here, for six
 layouts: ETP 2 folded (ETP != TP = 1, EP inside a node), Qwen2-57B with CP, a shared expert and
 drop-and-pad, a coupled ETP = TP = 2 layout whose EP group spans two nodes, with VPP and full
-recomputation, CP across nodes (ring attention's exchange exposed) and ETP across nodes.
+recomputation, CP across nodes (ring attention's exchange exposed), ETP across nodes, and the plain optimizer.
 
 Nothing here calls the planner's terms: the roofline, the collectives and the placement are written
 from the docstrings of cost.py and terms.py, so deleting or changing any term (issue 20, item 7:
@@ -42,7 +42,7 @@ def ring(nbytes, group, bw):
     return (group - 1) * nbytes / bw + LAT if group > 1 else 0.0
 
 
-def hand_terms(m, world, tp, cp, pp, vpp, ep, etp, mbs, recompute, cf, ep_peers_on_node, bw):
+def hand_terms(m, world, tp, cp, pp, vpp, ep, etp, mbs, recompute, cf, dist=True, *, ep_peers_on_node, bw):
     """Step-time terms by hand. ep_peers_on_node and bw (per group kind: NVLink or network) are read
     off the rank grid by the caller, from Megatron's rank orders written out in each test."""
     h, F, Fs, E, k = m.hidden, m.moe_ffn, m.shared_expert_ffn, m.num_experts, m.topk
@@ -110,10 +110,14 @@ def hand_terms(m, world, tp, cp, pp, vpp, ep, etp, mbs, recompute, cf, ep_peers_
     # last stage: final norm and output layer; at PP 1 it is also the first stage, with the embedding
     dense = L * ((attn_params + 3 * h * Fs) / tp + replicated) + h + vocab * h / tp * (2 if pp == 1 else 1)
     experts = L * E * 3 * h * F / (ep * etp)
-    dp_s = (6 * dense * (dp * cp - 1) / (dp * cp) / bw["dp_cp"] + 6 * experts * (edp - 1) / edp / bw["edp"])
+    # the plain optimizer all-reduces fp32 gradients instead: 2 x 4 B on a ring
+    per_param = 6 if dist else 8
+    dp_s = (per_param * dense * (dp * cp - 1) / (dp * cp) / bw["dp_cp"]
+            + per_param * experts * (edp - 1) / edp / bw["edp"])
     terms["dp_comm_exposed"] = max(0.0, dp_s - L * (bwd + routing_bwd))
     # Adam over the local shard (28 B), gradient norm (4 B), bf16 copy (6 B); zeroing all fp32 gradients
-    terms["optimizer_step"] = (38 * (dense / (dp * cp) + experts / edp) + 4 * (dense + experts)) / HBM
+    shard = dense / (dp * cp) + experts / edp if dist else dense + experts  # plain: every parameter
+    terms["optimizer_step"] = (38 * shard + 4 * (dense + experts)) / HBM
     return terms
 
 
@@ -145,14 +149,20 @@ CASES = {
     "etp16_across_nodes": (("mixtral-8x7b", 32, 1, 1, 1, 1, 2, 16, 1, False, None), 0,
                            {"tp": NVLINK, "cp": NVLINK, "etp": NETWORK, "pp": NETWORK, "dp_cp": NETWORK,
                             "edp": NVLINK}),
+    # Mixtral 8x7B on 16 GPUs, TP2 EP8 ETP1 with Megatron's plain optimizer: fp32 gradient all-reduce
+    # over DP 8 (stride 2, two nodes) and EDP 2 (ranks 0, 8), Adam over every parameter.
+    "plain_optimizer": (("mixtral-8x7b", 16, 2, 1, 1, 1, 8, 1, 1, False, None, False), 7,
+                        {"tp": NVLINK, "cp": NVLINK, "etp": NVLINK, "pp": NETWORK, "dp_cp": NETWORK,
+                         "edp": NETWORK}),
 }
 
 
 def _planned(case):
-    name, world, tp, cp, pp, vpp, ep, etp, mbs, recompute, cf = case
+    name, world, tp, cp, pp, vpp, ep, etp, mbs, recompute, cf, *dist = case
     m = get_model(name)
     layout = FoldedLayout(world, tp=tp, cp=cp, pp=pp, ep=ep, etp=etp, num_experts=m.num_experts)
-    return m, estimate(m, GPU, Choice(layout, vpp=vpp, micro_batch=mbs, recompute=recompute), SEQ, GBS, cf)
+    choice = Choice(layout, vpp=vpp, micro_batch=mbs, recompute=recompute, distributed_optimizer=dist[0] if dist else True)
+    return m, estimate(m, GPU, choice, SEQ, GBS, cf)
 
 
 @pytest.mark.parametrize("name", list(CASES))
