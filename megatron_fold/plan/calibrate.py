@@ -1,7 +1,7 @@
 """`megatron-fold calibrate`: measure this machine's kernels and links and write a profile (profile.py).
 
 Kernel-level micro-benchmarks only, never a training step: bf16 GEMMs and grouped GEMMs over a grid of
-shapes, a device copy (HBM bandwidth), causal attention by block length, and, when started under
+shapes, a device copy (HBM bandwidth), causal attention by block length, a host synchronisation, and, when started under
 torchrun or Slurm with more than one rank, NCCL (gloo on CPU) all-gather, reduce-scatter and
 all-to-all bus bandwidth. From those points it sets the profile's constants:
 - gemm_max_efficiency: the best dense GEMM's TFLOP/s over the peak (the MAMF idea);
@@ -80,6 +80,13 @@ def measure_kernels(device: str, grid: dict) -> dict:
         s = timed(lambda: F.scaled_dot_product_attention(q, k_, v, is_causal=True), grid["reps"])
         flops = 2 * chunk * chunk * heads * head_dim  # causal: half of 4*s^2*h*d
         out["attention"].append({"chunk": chunk, "tflops": flops / s / 1e12})
+    # Host synchronisation: a one-element kernel followed by reading its result on the host, against
+    # the same kernel queued without reading; the difference is what each sync leaves the GPU idle.
+    x = torch.zeros(1, device=device)
+    reps = 20 * grid["reps"]
+    synced = timed(lambda: x.add_(1).item(), reps)
+    queued = timed(lambda: x.add_(1), reps)
+    out["host_sync_us"] = max(synced - queued, 1e-9) * 1e6  # positive even where it is below the noise (CPU)
     return out
 
 
@@ -154,14 +161,14 @@ def calibrate(device: str, grid_name: str, base_name: str, name: str | None = No
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.startswith("cuda") else base.sms
     prof = dataclasses.replace(base, name=name or f"calibrated-{base_name}-{device}", peak_tflops=peak,
                                sms=sms, gemm_max_efficiency=min(1.0, best / peak),
-                               hbm_gbs=raw["copy_gbs"], grouped_gemm_factor=1.0,
+                               hbm_gbs=raw["copy_gbs"], grouped_gemm_factor=1.0, host_sync_us=raw["host_sync_us"],
                                attention=tuple((float(a["chunk"]), a["tflops"]) for a in raw["attention"]))
     # grouped_gemm_factor: measured grouped time vs the dense model's at the same shapes, with the
     # profile's own measured ceiling and bandwidth.
     ratios = [gemm_time(g["rows"], g["width"], g["hidden"], prof, g["experts"]) / g["seconds"] for g in raw["grouped"]]
     prof = dataclasses.replace(prof, grouped_gemm_factor=statistics.median(ratios))
     sources = {k: f"from the base preset {base_name}: " + v for k, v in base.sources.items()}
-    sources |= {k: stamp for k in ("gemm_max_efficiency", "grouped_gemm_factor", "hbm_gbs", "attention")}
+    sources |= {k: stamp for k in ("gemm_max_efficiency", "grouped_gemm_factor", "hbm_gbs", "attention", "host_sync_us")}
     sources["peak_tflops"] = (f"{stamp}: best GEMM (a CPU has no datasheet BF16 peak here)" if on_cpu and not peak_tflops
                               else sources["peak_tflops"] if not peak_tflops else "given with --peak-tflops")
     if device.startswith("cuda"):

@@ -9,6 +9,7 @@ import time
 
 from megatron_fold.layout import FoldedLayout
 from megatron_fold.plan.cost import Choice, estimate
+from megatron_fold.plan.explain import deciding_term, explain
 from megatron_fold.plan.hardware import GPUS, get_gpu
 from megatron_fold.plan.models import PRESETS, from_hf_config, get_model
 from megatron_fold.plan.profile import load_profile
@@ -100,10 +101,10 @@ def _header() -> str:
 
 def _breakdown(est) -> list[str]:
     lines = ["time per step:"]
-    lines += [f"  {k:<16} {v:8.3f} s  ({100 * v / est.step_time_s:4.1f}%)" for k, v in est.time_s.items()]
+    lines += [f"  {k:<20} {v:8.3f} s  ({100 * v / est.step_time_s:4.1f}%)" for k, v in est.time_s.items()]
     lines += [f"memory per GPU ({est.memory_stage} pipeline stage, the fuller one):"]
-    lines += [f"  {k:<16} {v:8.2f} GB" for k, v in est.memory_gb.items()]
-    lines += [f"  {'total':<16} {est.memory_total_gb:8.2f} GB"]
+    lines += [f"  {k:<20} {v:8.2f} GB" for k, v in est.memory_gb.items()]
+    lines += [f"  {'total':<20} {est.memory_total_gb:8.2f} GB"]
     return lines
 
 
@@ -232,10 +233,16 @@ def run(args) -> int:
     # The coupled layouts are a subset of the folded search: the best of them is what folding is
     # measured against, with no second search.
     coupled = next((e for e in ranked if is_coupled(e.choice.layout)), None)
+    folded = next((e for e in ranked if not is_coupled(e.choice.layout)), None)
+    why = explain(coupled, folded) if coupled and folded else []
     if args.json:
         print(json.dumps({"model": model.name, "gpu": gpu.name, "gpus": args.gpus, "evaluated": evaluated,
                           "fitting": len(ranked), "seconds": elapsed, "results": [_as_dict(e, args) for e in top],
-                          "best_coupled": _as_dict(coupled, args) if coupled else None}, indent=1))
+                          "best_coupled": _as_dict(coupled, args) if coupled else None,
+                          "best_folded": _as_dict(folded, args) if folded else None,
+                          "deciding_term": (deciding_term(*sorted((coupled, folded), key=lambda e: -e.step_time_s))
+                                            if why else None),
+                          "explanation": why}, indent=1))
         if args.slurm:
             _write_slurm(top[0], args, model)
         return 0
@@ -255,10 +262,13 @@ def run(args) -> int:
         if coupled is None:
             print("\nno coupled layout (ETP = TP, EP inside DP x CP) fits: only folding trains this model here")
         elif coupled is best:
-            print("\nthe best layout is coupled: folding buys nothing for this model and cluster")
+            print("\nthe best layout is coupled: folding buys nothing for this model and cluster"
+                  + (f" (best folded: {folded.choice.label()}, {100 * folded.mfu:.1f}% MFU)" if folded else ""))
         else:
             print(f"\nbest coupled layout (no folding): {coupled.choice.label()}, {100 * coupled.mfu:.1f}% MFU; "
                   f"the folded best is {100 * (coupled.step_time_s / best.step_time_s - 1):.1f}% faster")
+        if why:
+            print("\n".join(why))
     print("\n" + "".join(line + "\n" for line in _padding_note(cf)) + _command_text(best, args))
     if args.slurm:
         _write_slurm(best, args, model)

@@ -9,7 +9,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-__all__ = ["ModelSpec", "PRESETS", "get_model", "from_hf_config"]
+__all__ = ["ModelSpec", "PRESETS", "get_model", "from_hf_config", "VOCAB_DIVISIBLE_BY"]
+
+# Megatron-LM's default --make-vocab-size-divisible-by.
+VOCAB_DIVISIBLE_BY = 128
 
 
 @dataclass(frozen=True)
@@ -84,6 +87,13 @@ class ModelSpec:
     @property
     def expert_params_per_layer(self) -> int:
         return self.num_experts * 3 * self.hidden * self.moe_ffn  # SwiGLU: fc1 [2F, H] + fc2 [H, F]
+
+    def padded_vocab(self, tp: int) -> int:
+        """The vocabulary as Megatron-LM builds it: padded to a multiple of 128 x TP
+        (--make-vocab-size-divisible-by 128, megatron/training/vocab_utils.py), so the embedding, the
+        output layer and their FLOPs are those of the padded size."""
+        multiple = VOCAB_DIVISIBLE_BY * tp
+        return -(-self.vocab // multiple) * multiple
 
     @property
     def embedding_params(self) -> int:

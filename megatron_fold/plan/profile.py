@@ -17,6 +17,8 @@ Schema (`megatron-fold-profile/1`), all numbers positive:
   an NVLink domain / across the network (GB/s);
 - nvlink_domain: GPUs that share one NVLink fabric, or null for "one node" (NVL72: 72);
 - collective_latency_us: fixed cost of one collective call;
+- host_sync_us: GPU idle time one host synchronisation costs (the device-to-host copy's round trip
+  and relaunching the queue behind it): dropless MoE layers read their token counts on the host;
 - sources: {field: citation}; measured: raw calibration points (optional, informative).
 """
 
@@ -32,7 +34,7 @@ __all__ = ["SCHEMA", "Profile", "load_profile", "shipped_profiles"]
 SCHEMA = "megatron-fold-profile/1"
 _PROFILE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "profiles")
 _POSITIVE = ("peak_tflops", "memory_gb", "sms", "gemm_max_efficiency", "grouped_gemm_factor", "hbm_gbs",
-             "nvlink_gbs", "network_gbs", "collective_latency_us")
+             "nvlink_gbs", "network_gbs", "collective_latency_us", "host_sync_us")
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,7 @@ class Profile:
     network_gbs: float
     nvlink_domain: int | None = None
     collective_latency_us: float = 20.0
+    host_sync_us: float = 20.0
     sources: dict = field(default_factory=dict, compare=False, hash=False)
     measured: dict = field(default_factory=dict, compare=False, hash=False)
 

@@ -23,7 +23,8 @@ def test_calibrate_writes_a_profile_that_plans(tmp_path, capsys):
     best = max(2 * g["m"] * g["n"] * g["k"] / g["seconds"] for g in raw["gemm"]) / 1e12
     assert prof.peak_tflops == pytest.approx(best) and prof.gemm_max_efficiency == pytest.approx(1.0)
     assert prof.hbm_gbs == raw["copy_gbs"] and prof.grouped_gemm_factor > 0
-    for field in ("gemm_max_efficiency", "grouped_gemm_factor", "hbm_gbs", "attention", "peak_tflops"):
+    assert prof.host_sync_us == raw["host_sync_us"] > 0
+    for field in ("gemm_max_efficiency", "grouped_gemm_factor", "hbm_gbs", "attention", "peak_tflops", "host_sync_us"):
         assert "measured by megatron-fold calibrate on CPU" in prof.sources[field]
     # one process measures no link: those come from the base preset, and say so
     assert raw["collectives"] is None and prof.sources["network_gbs"].startswith("from the base preset a100")

@@ -45,9 +45,9 @@ def test_one_layout_breakdown_matches_the_cost_model(capsys):
     est = estimate(get_model("mixtral-8x22b"), get_gpu("h100"),
                    Choice(FoldedLayout(128, tp=2, pp=8, ep=8, etp=1, num_experts=8), vpp=7), 4096, 256, None)
     for part, seconds in est.time_s.items():
-        assert f"{part:<16} {seconds:8.3f} s" in out
+        assert f"{part:<20} {seconds:8.3f} s" in out
     for part, gb in est.memory_gb.items():
-        assert f"{part:<16} {gb:8.2f} GB" in out
+        assert f"{part:<20} {gb:8.2f} GB" in out
     assert "links: TP NVLink, EP NVLink, PP network" in out
     assert ("--tensor-model-parallel-size=2 --context-parallel-size=1 --pipeline-model-parallel-size=8 "
             "--expert-model-parallel-size=8 --expert-tensor-parallel-size=1") in out

@@ -2,12 +2,13 @@
 Megatron's GPTModel (test_param_count.py), and closed-form arithmetic written out independently."""
 
 import dataclasses
+import math
 from types import SimpleNamespace
 
 import pytest
 
 from megatron_fold.layout import FoldedLayout
-from megatron_fold.plan.cost import (DROPLESS_MEMORY_LOAD_FACTOR, GB, Choice, estimate, expert_load_factor,
+from megatron_fold.plan.cost import (GB, Choice, estimate, expert_load_factor,
                                      in_flight_microbatches, memory_gb, model_flops_per_token, stage_params)
 from megatron_fold.plan.hardware import get_gpu
 from megatron_fold.plan.models import PRESETS, get_model
@@ -65,21 +66,32 @@ def test_memory_of_the_fuller_stage_from_megatron_verified_stage_params():
 
 @pytest.mark.parametrize("recompute", [False, True])
 def test_activations_follow_the_documented_formula(recompute):
-    """Mixtral 8x7B, PP 4, EP 8, micro-batch 2: the first stage holds 4 micro-batches (1F1B), each layer
-    keeps Korthikanti's flash-attention terms and the expert rows of a 1.2-loaded straggler; with full
-    recomputation only layer inputs plus one layer. (Written out from the cost.py docstring.)"""
+    """Mixtral 8x7B, PP 4, EP 8, micro-batch 2: the first stage holds 4 micro-batches (1F1B); each layer
+    keeps Megatron's count n*(18h + 4F) and, beyond it, the routed rows of the straggler expert rank (fc1
+    input, SwiGLU input and output, fp32 probability), the fp32 router logits and probabilities, less
+    the dense FFN's 4nF; the embedding adds ids and mask per micro-batch. With full recomputation only layer
+    inputs plus one layer. (Written out from the cost.py docstrings.)"""
     m = get_model("mixtral-8x7b")
     layout = FoldedLayout(64, pp=4, ep=8, num_experts=8)
     b, s = 2, 4096
     n = b * s
-    h, a, g, d, F, k = m.hidden, m.num_heads, m.num_query_groups, m.head_dim, m.moe_ffn, m.topk
-    rows = n * k * DROPLESS_MEMORY_LOAD_FACTOR
-    per_layer = 2 * n * (2 * h + (a + 2 * g) * d + 2 * a * d) + 2 * (2 * n * h + rows * (h + 3 * F))
+    h, F, k, E = m.hidden, m.moe_ffn, m.topk, m.num_experts
+    mu = n * k  # the busiest of 8 EP ranks: sqrt(2 ln 8) binomial sigmas above its n*k copies
+    rows = mu * (1 + math.sqrt(2 * math.log(8)) * math.sqrt(mu * 7 / 8) / mu)
+    megatron = n * h * (18 + 4 * F / h)
+    moe = rows * (2 * h + 6 * F + 4) + n * E * 8 - 4 * n * F
     layers, in_flight = 32 // 4, 4
-    acts = 2 * n * h * layers * in_flight + per_layer if recompute else per_layer * layers * in_flight
+    embedding = in_flight * (8 * n + n * h)
+    if recompute:
+        acts, moe_total = 2 * n * h * layers * in_flight + megatron + embedding, moe
+    else:
+        acts, moe_total = megatron * layers * in_flight + embedding, moe * layers * in_flight
     stage, mem = memory_gb(m, Choice(layout, micro_batch=b, recompute=recompute), s, 256, None)
     assert stage == "first"
     assert mem["activations"] == pytest.approx(acts / GB, rel=1e-12)
+    assert mem["moe_activations"] == pytest.approx(moe_total / GB, rel=1e-12)
+    assert mem["moe_dispatch_buffers"] == pytest.approx(2 * rows * 2 * h / GB, rel=1e-12)
+    assert mem["fragmentation"] == pytest.approx(0.05 * (acts + moe_total) / GB, rel=1e-12)
 
 
 @pytest.mark.parametrize("name", list(PRESETS))
@@ -91,6 +103,8 @@ def test_model_flops_are_twice_the_active_matmul_parameters_plus_attention(name)
     matmul = m.active_params - m.embedding_params - norms - biases  # the embedding is a lookup
     if not m.untied_embeddings:
         matmul += m.embedding_params  # ... but a tied one is also the output projection
+    routers = m.num_layers * (m.num_experts * m.hidden + (m.hidden if m.shared_expert_gate else 0))
+    matmul -= routers  # Megatron-LM's count leaves out the router and shared-expert gate
     attention = m.num_layers * 2 * s * m.num_heads * m.head_dim  # QK^T and AV, causal: half of 4*s*a*d
     assert model_flops_per_token(m, s) == 2 * matmul + attention
 
@@ -98,7 +112,8 @@ def test_model_flops_are_twice_the_active_matmul_parameters_plus_attention(name)
 def test_tied_embeddings_flops():
     m = dataclasses.replace(get_model("mixtral-8x7b"), untied_embeddings=False)
     norms = m.num_layers * 2 * m.hidden + m.hidden
-    assert model_flops_per_token(m, 1024) == 2 * (m.active_params - norms) + m.num_layers * 2 * 1024 * 4096
+    routers = m.num_layers * m.num_experts * m.hidden
+    assert model_flops_per_token(m, 1024) == 2 * (m.active_params - norms - routers) + m.num_layers * 2 * 1024 * 4096
 
 
 def test_ep_all_to_all_splits_traffic_by_placement():
@@ -132,8 +147,10 @@ def test_capacity_factor_load_is_the_padded_capacity():
     t_sub = estimate(m, get_gpu("h100"), choice, 4096, 256, 1.25).time_s
     t_seq = estimate(m, get_gpu("h100"), choice, 4096, 256, 1.25, drop_scope="sequence").time_s
     assert t_seq["ep_comm"] > t_sub["ep_comm"] and t_seq["drop_gather"] > 0 and "drop_gather" not in t_sub
-    # Memory: activations of the expert rows scale with the load factor: dropless 1.2 vs capacity 1.2 agree.
-    assert memory_gb(m, choice, 4096, 256, DROPLESS_MEMORY_LOAD_FACTOR) == memory_gb(m, choice, 4096, 256, None)
+    # Memory: the expert rows scale with the load factor (capacity factor when dropping).
+    lean, padded = (memory_gb(m, choice, 4096, 256, cf)[1]["moe_activations"] for cf in (1.0, 1.25))
+    n_rows = n * 2  # n tokens x top-2, over 8 layers x 4 micro-batches in flight on the first stage
+    assert padded - lean == pytest.approx(8 * 4 * n_rows * 0.25 * (2 * m.hidden + 6 * m.moe_ffn + 4) / GB, rel=1e-9)
 
 
 def test_published_ordering_ep8_tp1_beats_ep4_tp2_for_mixtral_8x7b():

@@ -90,4 +90,4 @@ def test_per_gpu_params_equal_megatron_rank(spec, sizes):
     results = run_on_ranks(_megatron_params, 4, spec, sizes, timeout=180)
     assert {stage for stage, _ in results} == set(range(layout.pp))
     for stage, count in results:
-        assert sum(stage_params(spec, layout, stage)) == count, (stage, count)
+        assert sum(stage_params(spec, layout, vocab=spec.vocab, stage=stage)) == count, (stage, count)
