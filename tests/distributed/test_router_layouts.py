@@ -308,7 +308,8 @@ def _one_rank_nan(rank, world_size):
     layout = FoldedLayout(world_size, tp=2, cp=2)
     pgs = parallel_state.initialize_model_parallel(layout)
     try:
-        router = FoldRouter(_config(layout, "position-top2-e8"), pg_collection=pgs, drop_scope="sequence")
+        router = FoldRouter(_config(layout, "position-top2-e8"), pg_collection=pgs, drop_scope="sequence",
+                            check_finite=True)
         router.set_layer_number(4)
         x = torch.randn(S // 4, B, H)
         if rank == 5:
