@@ -250,17 +250,7 @@ class FoldRouter(TopKRouter):
         elif self.routing_type == "quantile_balancing":
             probs, routing_map = self._quantile_balancing(logits, padding_mask)
         else:
-            probs, routing_map = topk_routing_with_score_function(
-                logits, self.topk,
-                use_pre_softmax=self.config.moe_router_pre_softmax,
-                num_groups=self.config.moe_router_num_groups,
-                group_topk=self.config.moe_router_group_topk,
-                scaling_factor=self.config.moe_router_topk_scaling_factor,
-                score_function=self.score_function,
-                expert_bias=self.expert_bias,
-                fused=use_fused,
-                router_replay=self.router_replay,
-            )
+            probs, routing_map = self._topk(logits, use_fused, self.router_replay)
         routed = routing_map
         gathered_counts = None
         if self.config.moe_expert_capacity_factor is not None:
@@ -385,17 +375,22 @@ class FoldRouter(TopKRouter):
         if probs.dtype.itemsize >= 4 or self.routing_type in ("sinkhorn", "quantile_balancing"):
             return probs.detach()
         with torch.no_grad():
-            probs32, map32 = topk_routing_with_score_function(
-                logits.detach().float(), self.topk,
-                use_pre_softmax=self.config.moe_router_pre_softmax,
-                num_groups=self.config.moe_router_num_groups,
-                group_topk=self.config.moe_router_group_topk,
-                scaling_factor=self.config.moe_router_topk_scaling_factor,
-                score_function=self.score_function,
-                expert_bias=self.expert_bias,
-                fused=use_fused,
-            )
+            probs32, map32 = self._topk(logits.detach().float(), use_fused, router_replay=None)
             return torch.where(map32, probs32, probs.detach().float())
+
+    def _topk(self, logits: torch.Tensor, use_fused: bool, router_replay):
+        """Upstream's top-k routing with this router's options: logits [N, E] -> probs, routing_map."""
+        return topk_routing_with_score_function(
+            logits, self.topk,
+            use_pre_softmax=self.config.moe_router_pre_softmax,
+            num_groups=self.config.moe_router_num_groups,
+            group_topk=self.config.moe_router_group_topk,
+            scaling_factor=self.config.moe_router_topk_scaling_factor,
+            score_function=self.score_function,
+            expert_bias=self.expert_bias,
+            fused=use_fused,
+            router_replay=router_replay,
+        )
 
     def _drop(self, probs: torch.Tensor, routing_map: torch.Tensor, seq_length: int, bsz: int,
               scores: torch.Tensor):

@@ -109,12 +109,7 @@ def _train(rank, layout, pgs, spec: JobSpec, tensor_parallel) -> dict | None:
                                 drop_scope=spec.drop_scope)
     if torch.cuda.is_available():
         chunks = [c.cuda() for c in chunks]
-    if config.bf16 or config.fp16:
-        # Megatron's mixed precision: 16-bit weights and activations, fp32 logits out of the last stage;
-        # the optimizer (Trainer, from config.bf16) keeps fp32 main weights.
-        from megatron.core.transformer.module import Float16Module
 
-        chunks = [Float16Module(config, c) for c in chunks]
     dist_opt = spec.distributed_optimizer
     trainer = Trainer(chunks, config, pgs, distributed_optimizer=dist_opt, micro_batch_size=spec.mbs,
                       schedule=spec.schedule)
