@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import torch
 import torch.distributed as dist
@@ -159,6 +160,12 @@ class Trainer:
         self.optimizer.zero_grad()
         lr = self.optimizer.param_groups[0]["lr"]
         loss = self._run(tokens, loss_mask, forward_only=False)
+        if not math.isfinite(loss):
+            # The loss is the same number on every rank (reduced over DP x CP and PP), so every rank stops
+            # here, before a NaN reaches the weights: the check Megatron-LM's --check-for-nan-in-loss-and-grad
+            # makes, and what stands in for the MoE router's NaN check (check_finite, off by default).
+            raise FloatingPointError(f"training loss is {loss} at learning rate {lr:g}: diverged training or bad "
+                                     "input; the optimizer step was not taken")
         _, grad_norm, _ = self.optimizer.step()
         self.scheduler.step(increment=1)
         return StepResult(loss=loss, grad_norm=float(grad_norm), lr=lr)

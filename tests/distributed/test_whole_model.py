@@ -282,3 +282,32 @@ def test_checkpoint_of_another_model_is_refused_before_loading(reference, tmp_pa
     for e in errors:
         assert "holds another model" in e["other-model"] and "num_moe_experts: checkpoint 8, model 16" in e["other-model"]
         assert "already exists" in e["exists"]
+
+
+def _nan_step(rank, world_size):
+    layout, pgs, vpp = _setup(world_size, dict(ep=2))
+    try:
+        config, chunks, tokens = _build("mixtral-like", "dropless", layout, pgs, vpp)
+        trainer = wm.Trainer(chunks, config, pgs)
+        if rank == 1:  # one data-parallel replica diverged
+            with torch.no_grad():
+                next(p for n, p in chunks[0].named_parameters() if "word_embeddings" in n).fill_(float("nan"))
+        before = {n: p.detach().clone() for n, p in chunks[0].named_parameters()}
+        try:
+            trainer.step(tokens)
+            error = None
+        except FloatingPointError as e:
+            error = str(e)
+        unchanged = all(torch.equal(p, before[n]) or (p.isnan().all() and before[n].isnan().all())
+                        for n, p in chunks[0].named_parameters())
+        return error, unchanged
+    finally:
+        parallel_state.destroy_model_parallel()
+
+
+def test_non_finite_loss_stops_every_rank_before_the_optimizer_step():
+    """With the router's NaN check off by default, the step's loss is the check: one replica's NaN stops
+    every rank (the loss is reduced over DP x CP and PP first), and no weight moves."""
+    for rank, (error, unchanged) in enumerate(run_on_ranks(_nan_step, 2, timeout=300)):
+        assert error is not None and error.startswith("training loss is nan at learning rate"), (rank, error)
+        assert unchanged, rank
