@@ -70,8 +70,9 @@ class FoldMoELayer(MoELayer):
         per micro-batch, again in recomputation), and nothing needs it to stay safe: NaN scores cannot
         leave a rank blocked (top-k still picks k experts a token; the dispatcher's count exchange
         stops a malformed map on every rank of its group) and the step's loss and gradients turn NaN,
-        which Megatron's check_for_nan_in_loss_and_grad (on by default in Megatron-LM) stops at a sync
-        the step pays anyway. Turn it on (--moe-fold-check-finite) to learn which layer went first.
+        which Megatron's check_for_nan_in_loss_and_grad (on by default in Megatron-LM) and the loss
+        check of `megatron-fold train` stop at a sync the step pays anyway. Turn it on
+        (--moe-fold-check-finite) to learn which layer went first.
       metrics: keep per-forward token counts for metrics() (no collective on the training path
         either way; False also skips the counting).
     """
