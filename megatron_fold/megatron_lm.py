@@ -37,9 +37,9 @@ __all__ = ["SPEC", "add_arguments", "plugin_usage", "install_arguments", "uninst
            "with_fold_spec", "add_fold_spec_to_sys_argv", "is_first_rank"]
 
 SPEC = ["megatron_fold.megatron_lm", "fold_layer_spec"]
-_DEFAULTS = {"moe_fold_drop_scope": DropScope.SUBSEQUENCE.value, "moe_fold_check_finite": True,
+_DEFAULTS = {"moe_fold_drop_scope": DropScope.SUBSEQUENCE.value, "moe_fold_check_finite": False,
              "moe_fold_metrics": True, "moe_fold_log_interval": 0}
-_OPTION_FLAGS = {"moe_fold_drop_scope": "--moe-fold-drop-scope", "moe_fold_check_finite": "--moe-fold-no-check-finite",
+_OPTION_FLAGS = {"moe_fold_drop_scope": "--moe-fold-drop-scope", "moe_fold_check_finite": "--moe-fold-check-finite",
                  "moe_fold_metrics": "--moe-fold-no-metrics", "moe_fold_log_interval": "--moe-fold-log-interval"}
 
 
@@ -59,8 +59,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--moe-fold-drop-scope", choices=[s.value for s in DropScope], default=_DEFAULTS["moe_fold_drop_scope"],
                    help="with --moe-expert-capacity-factor: decide token drops per rank's sub-sequence "
                         "(Megatron's semantics) or over whole sequences (the same drops under every layout)")
+    g.add_argument("--moe-fold-check-finite", dest="moe_fold_check_finite", action="store_true",
+                   default=_DEFAULTS["moe_fold_check_finite"],
+                   help="raise, naming the layer, when router scores are NaN or infinite (costs one small "
+                        "all-reduce and one host synchronisation per MoE layer and micro-batch; off by default: "
+                        "Megatron-LM's --check-for-nan-in-loss-and-grad stops such a step anyway)")
     g.add_argument("--moe-fold-no-check-finite", dest="moe_fold_check_finite", action="store_false",
-                   help="skip the NaN / Inf check of router scores (one small all-reduce and host sync per layer)")
+                   help="the default (kept for earlier command lines): no NaN / Inf check of router scores")
     g.add_argument("--moe-fold-no-metrics", dest="moe_fold_metrics", action="store_false",
                    help="skip the per-layer token counting behind FoldMoELayer.metrics()")
     g.add_argument("--moe-fold-log-interval", type=int, default=0, metavar="N",

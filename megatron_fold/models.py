@@ -80,7 +80,7 @@ def model_config(family: str, layout: FoldedLayout, *, virtual_pipeline_stages: 
         pipeline_model_parallel_size=layout.pp, expert_model_parallel_size=layout.ep,
         expert_tensor_parallel_size=layout.etp, sequence_parallel=layout.tp > 1,
         virtual_pipeline_model_parallel_size=virtual_pipeline_stages,
-        pipeline_dtype=torch.float32 if layout.pp > 1 else None,
+        pipeline_dtype=overrides.get("params_dtype", torch.float32) if layout.pp > 1 else None,
     )
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)
@@ -88,7 +88,7 @@ def model_config(family: str, layout: FoldedLayout, *, virtual_pipeline_stages: 
 
 def build_model(config: TransformerConfig, pg_collection, *, vocab_size: int, seq_length: int,
                 drop_scope: DropScope | str = DropScope.SEQUENCE, use_te: bool | None = None,
-                fold: bool = True, portable_modules: bool = True, check_finite: bool = True,
+                fold: bool = True, portable_modules: bool = True, check_finite: bool = False,
                 metrics: bool = True, rotary_base: float = 10000) -> list[GPTModel]:
     """This rank's model chunks (one per virtual pipeline stage) of a stock GPTModel.
 

@@ -37,7 +37,7 @@ def get_fold_moe_module_spec_for_backend(
     use_te_activation_func: bool = False,
     *,
     drop_scope: DropScope | str = DropScope.SUBSEQUENCE,
-    check_finite: bool = True,
+    check_finite: bool = False,
     metrics: bool = True,
 ):
     """Counterpart of Megatron's get_moe_module_spec_for_backend, building FoldMoELayer.
@@ -66,7 +66,7 @@ def get_fold_moe_module_spec(
     moe_grouped_gemm: bool | None = False,
     *,
     drop_scope: DropScope | str = DropScope.SUBSEQUENCE,
-    check_finite: bool = True,
+    check_finite: bool = False,
     metrics: bool = True,
 ):
     """Counterpart of Megatron's get_moe_module_spec. `use_te=None` uses TE when it is installed."""
@@ -96,7 +96,7 @@ _PATCH_TARGETS = (moe_module_specs, gpt_layer_specs)
 _ORIGINAL = {m: m.get_moe_module_spec_for_backend for m in _PATCH_TARGETS}
 
 
-def install(*, drop_scope: DropScope | str = DropScope.SUBSEQUENCE, check_finite: bool = True,
+def install(*, drop_scope: DropScope | str = DropScope.SUBSEQUENCE, check_finite: bool = False,
             metrics: bool = True) -> None:
     """Make Megatron's stock MoE spec builders build FoldMoELayer with these plugin options."""
     builder = functools.partial(

@@ -30,6 +30,7 @@ from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec  # noq
 from megatron_fold import FoldedLayout, cpu, parallel_state  # noqa: E402
 from megatron_fold.specs import get_fold_moe_module_spec  # noqa: E402
 from megatron_fold.testing import moe_reference as ref  # noqa: E402  (full weights, sharded loading)
+from megatron_fold.testing.host_sync import HostSyncCounter  # noqa: E402
 from megatron_fold.testing.multirank import run_on_ranks  # noqa: E402  (fork-based gloo ranks)
 
 MODELS = {
@@ -43,7 +44,8 @@ LAYOUTS = {
 }
 
 _COLLECTIVES = ["all_to_all_single", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor",
-                "reduce_scatter", "all_reduce", "_all_gather_base", "_reduce_scatter_base"]
+                "reduce_scatter", "all_reduce", "_all_gather_base", "_reduce_scatter_base",
+                "batch_isend_irecv"]  # our uneven all-gather: point-to-point sends of one buffer
 
 
 class CollectiveCounter:
@@ -77,6 +79,8 @@ class CollectiveCounter:
 
 def _bytes_leaving_rank(name, args, kwargs):
     """Bytes this rank puts on the wire (direct sends; rings for all-reduce), not counting self-copies."""
+    if name == "batch_isend_irecv":  # one call: the tensors of its send operations leave this rank
+        return sum(op.tensor.numel() * op.tensor.element_size() for op in args[0] if op.op is dist.isend)
     group = kwargs.get("group")
     size, me = dist.get_world_size(group), dist.get_rank(group)
     if size == 1:
@@ -98,7 +102,7 @@ def _bytes_leaving_rank(name, args, kwargs):
     return 2 * nbytes * (size - 1) // size  # all_reduce on a ring
 
 
-def _build(kind, model, layout, pgs, hidden, extra, drop_scope="subsequence", check_finite=True):
+def _build(kind, model, layout, pgs, hidden, extra, drop_scope="subsequence", check_finite=False):
     cfg = dict(MODELS[model])
     shared = cfg.pop("shared", False)
     config = ref.make_moe_config(layout, hidden_size=hidden, shared_expert=shared,
@@ -106,11 +110,15 @@ def _build(kind, model, layout, pgs, hidden, extra, drop_scope="subsequence", ch
     config.moe_ffn_hidden_size = config.ffn_hidden_size = 2 * hidden
     if shared:
         config.moe_shared_expert_intermediate_size = 2 * hidden
-    if kind == "upstream":
-        layer = get_moe_module_spec(use_te=False, num_experts=config.num_moe_experts)(config=config, pg_collection=pgs)
-    else:
-        layer = get_fold_moe_module_spec(use_te=False, num_experts=config.num_moe_experts, drop_scope=drop_scope,
-                                         check_finite=check_finite)(config=config, pg_collection=pgs)
+    # Built under the sync counter's tagging (counting nothing), so that the host tensors a layer makes at
+    # construction (Megatron's chunk-sort indices) are known as such when the syncs are counted.
+    with HostSyncCounter(counting=False).watching():
+        if kind == "upstream":
+            layer = get_moe_module_spec(use_te=False, num_experts=config.num_moe_experts)(
+                config=config, pg_collection=pgs)
+        else:
+            layer = get_fold_moe_module_spec(use_te=False, num_experts=config.num_moe_experts, drop_scope=drop_scope,
+                                             check_finite=check_finite)(config=config, pg_collection=pgs)
     layer.set_layer_number(1)
     ref.load_full_weights(layer, ref.full_moe_weights(config, seed=0), pgs)
     return layer
@@ -175,12 +183,18 @@ def _rank(rank, world_size, layout_kwargs, args):
                     out, _ = layer(x.clone().requires_grad_(True))
                     out.sum().backward()
                 res[kind] = dict(fwd_calls=fwd.calls, calls=total.calls, fwd_bytes=fwd.bytes)
-            # The NaN check's all-reduce is ours alone (upstream has no such check): count without it too.
-            unchecked = _build("ours", model, layout, pgs, args.hidden, {}, check_finite=False)
+            # The NaN check (off by default, ours alone: upstream has no such check) costs an all-reduce.
+            checked = _build("ours", model, layout, pgs, args.hidden, {}, check_finite=True)
             with CollectiveCounter() as total:
-                out, _ = unchecked(x.clone().requires_grad_(True))
+                out, _ = checked(x.clone().requires_grad_(True))
                 out.sum().backward()
-            res["ours_unchecked_calls"] = total.calls
+            res["ours_checked_calls"] = total.calls
+            for kind, layer in layers.items():  # host syncs a GPU would make (the layers are warm by now)
+                syncs = HostSyncCounter()
+                with syncs.watching():
+                    out, _ = layer(x.clone().requires_grad_(True))
+                    syncs.backward(out.sum())
+                res[kind]["syncs"] = syncs.count
             res["upstream"]["time"], res["ours"]["time"] = _time_side_by_side(
                 layers["upstream"], layers["ours"], x, args.iters)
             res["min_fwd_bytes"] = _min_forward_bytes(layers["ours"], x, layout, pgs)
@@ -230,7 +244,7 @@ def main():
     cpu.enable_cpu_mode()
     print(f"8 CPU gloo ranks, fp32, seq {args.seq} x batch 2 per replica, hidden {args.hidden}, "
           f"median of {args.iters} fwd+bwd iterations, the two sides timed in alternation (max over ranks)\n")
-    header = (f"{'layout':<14} {'model':<36} {'time ours/up':>12} {'colls ours/no-NaN-check/up':>27} "
+    header = (f"{'layout':<14} {'model':<36} {'time ours/up':>12} {'syncs ours/up':>13} {'colls ours/NaN-check/up':>24} "
               f"{'fwd bytes ours/min':>19} {'fwd bytes up/min':>17} {'seq-scope extra':>16}")
     print(header)
     print("-" * len(header))
@@ -244,13 +258,16 @@ def main():
             b_ours = sum(r["ours"]["fwd_bytes"] for r in rs)
             b_up = sum(r["upstream"]["fwd_bytes"] for r in rs)
             seq_extra = max(r["seq_time"] for r in rs) / max(r["sub_time"] for r in rs) - 1
-            calls = f"{rs[0]['ours']['calls']}/{rs[0]['ours_unchecked_calls']}/{rs[0]['upstream']['calls']}"
-            print(f"{lname:<14} {model:<36} {t_ours / t_up:>12.2f} {calls:>27} "
+            calls = f"{rs[0]['ours']['calls']}/{rs[0]['ours_checked_calls']}/{rs[0]['upstream']['calls']}"
+            syncs = f"{max(r['ours']['syncs'] for r in rs)}/{max(r['upstream']['syncs'] for r in rs)}"
+            print(f"{lname:<14} {model:<36} {t_ours / t_up:>12.2f} {syncs:>13} {calls:>24} "
                   f"{b_ours / b_min if b_min else float('nan'):>19.2f} "
                   f"{b_up / b_min if b_min else float('nan'):>17.2f} {seq_extra:>+15.1%}")
-    print("\ncolls: torch.distributed calls per layer on rank 0 (forward + backward, incl. small count "
-          "exchanges), ours with and without its NaN check (check_finite); bytes: tensors handed to collectives in the forward pass, summed over ranks, "
-          "against the hidden-state bytes the routing requires.")
+    print("\nsyncs: host-device synchronisations a GPU would make per layer (forward + backward, most over "
+          "ranks; testing.host_sync); colls: torch.distributed calls per layer on rank 0 (forward + backward, "
+          "incl. small count exchanges), ours by default and with its NaN check (check_finite=True); bytes: "
+          "tensors handed to collectives in the forward pass, summed over ranks, against the hidden-state bytes "
+          "the routing requires.")
 
 
 if __name__ == "__main__":

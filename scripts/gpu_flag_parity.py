@@ -155,7 +155,7 @@ def timing(pgs, tokens: int, iters: int) -> None:
     for shape_name, extra in runs:
         config = _config(SHAPES[shape_name], **fusion, **extra)
         upstream = _megatron_layer(config, pgs)
-        variants = [("ours", _fold_layer(config, pgs)), ("ours, check_finite off", _fold_layer(config, pgs, check_finite=False))]
+        variants = [("ours", _fold_layer(config, pgs)), ("ours, check_finite on", _fold_layer(config, pgs, check_finite=True))]
         for _, layer in variants:
             missing, unexpected = layer.load_state_dict(upstream.state_dict(), strict=False)
             if missing or unexpected:

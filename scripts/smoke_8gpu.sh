@@ -48,7 +48,10 @@ MODEL=(--num-layers=4 --hidden-size=512 --num-attention-heads=8 --group-query-at
   --moe-router-load-balancing-type=aux_loss --moe-aux-loss-coeff=1e-2 --moe-expert-capacity-factor=1.0
   --mock-data --tokenizer-type=NullTokenizer --vocab-size=32000 --lr=1e-4 --min-lr=1e-5 --lr-decay-style=constant
   --train-iters="$ITERS" --log-interval=1 --eval-iters=0 --seed=1234
-  --transformer-impl=transformer_engine)
+  --transformer-impl=transformer_engine
+  --bf16 --moe-router-dtype=fp32)
+# bf16: Transformer Engine has no fp32 attention backend under context parallelism (the CP2 layout), and
+# the step times of (c) mean something only in the precision a GPU run uses; the router keeps fp32 logits.
 # Folded layouts on 8 GPUs (name: Megatron-LM arguments). Sequence-scope drops make them train alike.
 LAYOUT_NAMES=(tp2-ep4-etp1 tp2-pp2-ep4-etp1 cp2-ep4-etp2)
 LAYOUT_ARGS=("--tensor-model-parallel-size=2 --sequence-parallel --expert-model-parallel-size=4 --expert-tensor-parallel-size=1"

@@ -45,10 +45,12 @@ def test_install_and_uninstall_restore_megatron_functions():
 
 
 def test_parse_args_takes_plugin_flags(parse):
-    args = parse(*BASE, "--moe-fold", "--moe-fold-drop-scope", "sequence", "--moe-fold-no-check-finite",
+    args = parse(*BASE, "--moe-fold", "--moe-fold-drop-scope", "sequence", "--moe-fold-check-finite",
                  "--moe-fold-log-interval", "10", "--expert-model-parallel-size", "8")
     assert (args.moe_fold, args.moe_fold_drop_scope, args.moe_fold_check_finite, args.moe_fold_metrics,
-            args.moe_fold_log_interval) == (True, "sequence", False, True, 10)
+            args.moe_fold_log_interval) == (True, "sequence", True, True, 10)
+    # The earlier spelling of the default still parses.
+    assert parse(*BASE, "--moe-fold", "--moe-fold-no-check-finite").moe_fold_check_finite is False
     cfg = gpt_config_from_args(args)
     assert cfg.transformer_layer_spec is megatron_lm.fold_layer_spec
     assert cfg.transformer.expert_model_parallel_size == 8
@@ -57,7 +59,7 @@ def test_parse_args_takes_plugin_flags(parse):
 def test_defaults_without_the_flag(parse):
     args = parse(*[a for a in BASE if a not in megatron_lm.SPEC and a != "--spec"])
     assert (args.moe_fold, args.moe_fold_drop_scope, args.moe_fold_check_finite, args.moe_fold_metrics) == (
-        False, "subsequence", True, True)
+        False, "subsequence", False, True)
 
 
 def test_help_lists_plugin_flags(parse, capsys):

@@ -9,7 +9,8 @@ What gloo offers in torch 2.14 (probed on 4 ranks): `all_to_all_single` with une
 `all_to_all` with equal sizes only, and `reduce_scatter` (list form, uneven sizes accepted). So:
 - all_to_all_v is `all_to_all_single` with splits (gloo and nccl alike);
 - all_gather_v is `all_gather_into_tensor` when every rank contributes the same number of rows (the
-  drop-and-pad case) and otherwise an all-to-all in which each rank sends its rows to every peer;
+  drop-and-pad case) and otherwise point-to-point sends of the one send buffer to every peer (an
+  all-to-all would need the buffer repeated once per rank: a group-size-fold copy);
 - reduce_scatter_v is an all-to-all of the blocks followed by a local sum over source ranks. Not the
   native reduce-scatter, on purpose: the local sum runs in group-rank order with fp32 accumulation
   (bitwise reproducible, independent of the backend's algorithm, and bf16 partial sums are never
@@ -210,9 +211,27 @@ def all_gather_rows(tensors: list[torch.Tensor], sizes: list[int], group, counte
         if counter is not None:
             counter.record(kind, (size - 1) * send.numel() * send.element_size())
         return _unpack(recv, tensors)
-    # Uneven: gloo has no all-gather-v; an all-to-all in which our rows go to every rank.
-    return _unpack(exchange_rows([send.repeat(size, *([1] * (send.dim() - 1)))], [rows] * size, list(sizes),
-                                 group, counter, kind)[0], tensors)
+    # Uneven: gloo has no all-gather-v. Point-to-point: the one send buffer goes to every peer (an
+    # all-to-all would need it repeated once per rank, a group-size-fold copy), each peer's rows land
+    # in their place of the receive buffer.
+    recv = send.new_empty((sum(sizes), *send.shape[1:]))
+    blocks = recv.split(list(sizes))
+    blocks[me].copy_(send)
+    ops = []
+    for peer in range(size):
+        if peer == me:
+            continue
+        peer_rank = dist.get_global_rank(group, peer)
+        if rows:
+            ops.append(dist.P2POp(dist.isend, send, peer_rank, group))
+        if sizes[peer]:
+            ops.append(dist.P2POp(dist.irecv, blocks[peer], peer_rank, group))
+    if ops:
+        for work in dist.batch_isend_irecv(ops):
+            work.wait()
+    if counter is not None:
+        counter.record(kind, (size - 1) * rows * send[:1].numel() * send.element_size())
+    return _unpack(recv, tensors)
 
 
 def reduce_scatter_rows(tensors: list[torch.Tensor], sizes: list[int], group, counter: CommCounter | None = None,

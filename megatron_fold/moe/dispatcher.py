@@ -15,10 +15,15 @@ and costs nothing), as counted in `comm_counter` under these kinds:
   backward, every mode (4): all_to_all_v.backward x2, all_gather_v.backward, reduce_scatter_v.backward
 The count exchange is the only host synchronisation (split sizes must be known on the host before an
 uneven all-to-all): each rank sends every rank of its ETP x EP group the counts for that rank's
-experts (L integers, plus the most experts one of its tokens is routed to, so that a malformed map
-on one rank fails the whole group; Megatron all-gathers all E counts), and one device-to-host copy
-reads them with this rank's own counts. Drop-and-pad needs neither: every (rank, expert) block has the static size
-`capacity.padded_tokens_per_expert`, so it runs without any host synchronisation.
+experts (L integers, plus the most and the fewest experts one of its tokens is routed to, so that a
+malformed map on one rank fails the whole group; Megatron all-gathers all E counts), and one
+device-to-host copy reads them with this rank's own counts. As in Megatron, the host reads them only
+after the permutation is queued, in token_dispatch just before the all-to-all: the permutation is
+sized for the N*K-row bound (cut to the routed rows once known; TE's fused dropless permutation is
+sized N*K exactly, Megatron's contract), so nothing waits for the counts before it. Drop-and-pad needs
+neither: every (rank, expert) block has the static size `capacity.padded_tokens_per_expert`, so it
+runs without any host synchronisation. tests/distributed/test_host_sync_budget.py counts them
+against Megatron's alltoall dispatcher.
 
 With moe_permute_fusion and a CUDA device with Transformer Engine, the local permutation and its
 inverse are TE's fused kernels (fused.py, the GPU boundary); the rows and their order are the same,
@@ -75,10 +80,14 @@ class _TokenRows(torch.autograd.Function):
 
 
 def _gather(x: torch.Tensor, dest: torch.Tensor, k: int, padded: bool) -> torch.Tensor:
-    """[N, H] -> [M, H]: row r is x[dest[r] // K], zeros for padding rows."""
+    """[N, H] -> [M, H]: row r is x[dest[r] // K]; padding rows are zeros (drop-and-pad, where they
+    reach the experts) or a copy of the last token (rows cut before they leave the rank)."""
+    index = torch.div(dest, k, rounding_mode="floor")
     if padded:
         x = torch.cat([x, x.new_zeros((1, *x.shape[1:]))])  # index N: the zero row
-    return x.index_select(0, torch.div(dest, k, rounding_mode="floor"))
+    else:
+        index = index.clamp(max=max(x.shape[0] - 1, 0))
+    return x.index_select(0, index)
 
 
 def _scatter(rows: torch.Tensor, dest: torch.Tensor, num_tokens: int, k: int) -> torch.Tensor:
@@ -165,16 +174,42 @@ class FlexFoldDispatcher(MoETokenDispatcher):
             # moe_shared_expert_overlap: the shared expert's input gather starts on its side stream
             # (Megatron's SharedExpertMLP stages; synchronous where there is no CUDA stream).
             self.shared_experts.pre_forward_comm(hidden_states)
-        self._fused = fused.permute_fusion(self.config, hidden, self.pad)
+        self._splits_on_host = None
+        if self.pad:
+            # Drop-and-pad: every block has its static size, no count exchange, no host synchronisation.
+            self._fused = fused.permute_fusion(self.config, hidden, padded=True)  # always the portable path
+            pair = self._padded_pairs(routing_map)  # [E*C]
+            return self._permute(hidden, probs, routing_map, pair)
+        # The count exchange is queued first, then the permutation; the host reads the counts only
+        # in token_dispatch, right before the all-to-all that needs them (Megatron's order: its
+        # device-to-host copy overlaps permutation 1, its event wait comes before the EP all-to-all).
+        self._queue_count_exchange(routing_map)
+        dropless = self.config.moe_expert_capacity_factor is None
+        # Fused dropless: Megatron's contract, every token goes to exactly top-k experts, so TE's output
+        # has N*K rows before any count is known (checked on the ETP x EP group when the counts arrive).
+        num_out = N * K if dropless else None
+        self._fused = fused.permute_fusion(self.config, hidden, padded=False)
         if self._fused:
-            # TE's fused permutation, in the portable path's order (expert-major, tokens ascending).
-            num_out = self._exchange_and_set_splits(routing_map)
+            if num_out is None:  # TE sizes its output from num_out_tokens: it must be exact
+                num_out = sum(self._read_splits())
+            # TE >= 2.15 asserts num_out_tokens > 0 in its fused permute: a rank left without tokens
+            # (all dropped, or an empty micro-batch) permutes with the portable path (no rows either way).
+            self._fused = fused.fused_permute_can_run(num_out)
+        if self._fused:
             self._routing_map = routing_map
             permuted, permuted_probs, self._row_id_map = fused.fused_permute(hidden, probs, routing_map, num_out)
             return permuted, permuted_probs
-        pair = self._padded_pairs(routing_map) if self.pad else self._dropless_pairs(routing_map)  # [M]
-        # Where each row lands in the combine's [N, K] grid: its token, and its rank among the token's
-        # experts (ascending expert id). Pair N*E is padding (grid index N*K).
+        # Portable path: the routed rows are at most N*K (fewer where tokens were dropped, or a map routes
+        # a token to fewer experts); the permutation is queued for that bound (rows past the routed ones
+        # land in the combine's spare slot) and cut to the routed count once known, in token_dispatch.
+        return self._permute(hidden, probs, routing_map, self._routed_pairs(routing_map, N * K))
+
+    def _permute(self, hidden: torch.Tensor, probs: torch.Tensor, routing_map: torch.Tensor, pair: torch.Tensor):
+        """Rows [M, H] and probabilities [M] of the (token, expert) pairs `pair` (token*E + expert;
+        pair N*E is padding), and where each row lands in the combine's [N, K] grid."""
+        N, E, K = routing_map.shape[0], self.num_experts, self.topk
+        # Each row's slot: its token, and its rank among the token's experts (ascending expert id).
+        # Pair N*E is padding (grid index N*K, the combine's spare slot).
         slot = routing_map.cumsum(dim=1) - 1  # [N, E]
         grid = torch.arange(N, device=slot.device).unsqueeze(1) * K + slot
         self._dest = torch.cat([grid.reshape(-1), grid.new_full((1,), N * K)]).index_select(0, pair)  # [M]
@@ -194,63 +229,78 @@ class FlexFoldDispatcher(MoETokenDispatcher):
                 "but drop_scope='sequence' with moe_pad_expert_input_to_capacity=True sizes each padded expert "
                 "block from the local sequence length and batch: pass [seq_local, batch, hidden]")
 
-    def _dropless_pairs(self, routing_map: torch.Tensor) -> torch.Tensor:
-        """Flat (token*E + expert) index of every routed pair, expert-major; sets the split sizes."""
-        N = routing_map.shape[0]
-        num_out = self._exchange_and_set_splits(routing_map)
+    def _routed_pairs(self, routing_map: torch.Tensor, bound: int) -> torch.Tensor:
+        """[bound] flat (token*E + expert) index of every routed pair, expert-major (tokens ascending
+        inside an expert), then padding pairs (N*E) up to `bound`: a static size, no synchronisation."""
+        N, E = routing_map.shape
         expert_major = routing_map.t().reshape(-1)  # [E*N]
-        index = torch.nonzero_static(expert_major, size=num_out).squeeze(1)  # no second synchronisation
+        index = torch.nonzero_static(expert_major, size=bound, fill_value=E * N).squeeze(1)
         expert, token = torch.div(index, N, rounding_mode="floor"), index % N
-        return token * self.num_experts + expert
+        return torch.where(index == E * N, N * E, token * E + expert)
 
-    def _exchange_and_set_splits(self, routing_map: torch.Tensor) -> int:
-        """Exchange the per-expert counts over ETP x EP, set the split sizes; returns the rows this rank sends."""
-        E, P, L, T = self.num_experts, self.ep_size, self.num_local_experts, self.tp_size
+    def _queue_count_exchange(self, routing_map: torch.Tensor) -> None:
+        """Start the exchange of per-expert counts over ETP x EP (no host synchronisation here)."""
         N = routing_map.shape[0]
         counts = routing_map.sum(dim=0)  # [E] int64
-        per_token = routing_map.sum(dim=1).amax().reshape(1) if N else counts.new_zeros(1)
-        # The widest token travels with the counts, so a bad map on one rank stops every rank of the
-        # ETP x EP group here instead of leaving its peers blocked in the all-to-all that follows.
-        received, widest = self._exchange_counts(counts, per_token)  # [T, P, L]: rows (t, s) sends to my experts
-        host = torch.cat([counts, received.reshape(-1), per_token, widest]).tolist()  # the one host synchronisation
-        own, received, per_token, widest = host[:E], host[E:E + T * P * L], host[-2], host[-1]
-        if widest > self.topk:
-            raise ValueError(f"a token is routed to {widest} experts but moe_router_topk is {self.topk} "
-                             f"({per_token} on this rank, {widest} on the ranks of its ETP x EP group)")
-        self._set_splits(own, [[received[(t * P + s) * L:(t * P + s + 1) * L] for s in range(P)] for t in range(T)])
-        return sum(own)
+        per_token = routing_map.sum(dim=1)  # [N]
+        # The widest and the narrowest token travel with the counts, so a bad map on one rank stops
+        # every rank of the ETP x EP group at the sync instead of leaving its peers blocked in the
+        # all-to-all that follows. (The fused dropless permutation is sized for exactly top-k a token.)
+        if N:
+            widest = torch.stack([per_token.amax(), -per_token.amin()])  # [2]
+        else:
+            widest = torch.full((2,), -self.topk, dtype=counts.dtype, device=counts.device)
+        received, group_widest = self._exchange_counts(counts, widest)  # [T, P, L], [2]
+        self._pending_counts = torch.cat([counts, received.reshape(-1), widest, group_widest])
 
-    def _exchange_counts(self, counts: torch.Tensor, per_token: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _read_splits(self) -> list[int]:
+        """The one host synchronisation of a dropless / dropping dispatch: read the exchanged counts,
+        check them, set the split sizes. Returns the rows this rank sends to each expert."""
+        if self._splits_on_host is not None:
+            return self._splits_on_host
+        E, P, L, T, K = self.num_experts, self.ep_size, self.num_local_experts, self.tp_size, self.topk
+        host = self._pending_counts.tolist()  # the one host synchronisation
+        own, received = host[:E], host[E:E + T * P * L]
+        (mine, mine_narrowest), (widest, narrowest) = host[-4:-2], host[-2:]
+        mine_narrowest, narrowest = -mine_narrowest, -narrowest
+        if widest > K:
+            raise ValueError(f"a token is routed to {widest} experts but moe_router_topk is {K} "
+                             f"({mine} on this rank, {widest} on the ranks of its ETP x EP group)")
+        if self.config.moe_permute_fusion and self.config.moe_expert_capacity_factor is None and narrowest < K:
+            # Decided from the config and group-wide numbers, so every rank of the group raises together.
+            raise ValueError(f"dropless MoE with moe_permute_fusion=True sizes Transformer Engine's permutation for "
+                             f"exactly moe_router_topk={K} experts a token (as Megatron's alltoall dispatcher does), "
+                             f"but a token is routed to {narrowest} ({mine_narrowest} on this rank, {narrowest} on the "
+                             "ranks of its ETP x EP group); route every token to top-k experts or set "
+                             "moe_permute_fusion=False")
+        self._set_splits(own, [[received[(t * P + s) * L:(t * P + s + 1) * L] for s in range(P)] for t in range(T)])
+        self._splits_on_host = own
+        return own
+
+    def _exchange_counts(self, counts: torch.Tensor, widest: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One all-to-all over ETP x EP: rank (t, p) receives, from every (t', s), the L counts of
-        the tokens (t', s) routes to p's experts, and the most experts any of their tokens is routed
-        to. -> ([T, P, L], [1]) on the counts' device."""
+        the tokens (t', s) routes to p's experts, and (s's widest token, minus its narrowest token).
+        -> ([T, P, L], [2] the group's maxima) on the counts' device."""
         P, L, T = self.ep_size, self.num_local_experts, self.tp_size
         if T * P == 1:
-            return counts.view(1, 1, L), per_token
-        rows = torch.cat([counts.view(P, L), per_token.expand(P).view(P, 1)], dim=1)  # [P, L+1]
-        send = rows.view(P, 1, L + 1).expand(P, T, L + 1).reshape(P * T, L + 1)  # row t + T*p -> rank t + T*p
+            return counts.view(1, 1, L), widest
+        rows = torch.cat([counts.view(P, L), widest.expand(P, 2)], dim=1)  # [P, L+2]
+        send = rows.view(P, 1, L + 2).expand(P, T, L + 2).reshape(P * T, L + 2)  # row t + T*p -> rank t + T*p
         (recv,) = exchange_rows([send], [1] * (T * P), [1] * (T * P), self.tp_ep_group, self.comm_counter,
                                 "all_to_all_counts")
-        recv = recv.view(P, T, L + 1).transpose(0, 1)
-        return recv[..., :L], recv[..., L].amax().reshape(1)
+        recv = recv.view(P, T, L + 2).transpose(0, 1)
+        return recv[..., :L], recv[..., L:].reshape(-1, 2).amax(dim=0)
 
     def _padded_pairs(self, routing_map: torch.Tensor) -> torch.Tensor:
         """Static layout: expert e owns rows [e*C, (e+1)*C); free rows point at padding (pair N*E)."""
         N, E, C = routing_map.shape[0], self.num_experts, self._capacity()
-        counts = routing_map.sum(dim=0)
-        per_token = routing_map.sum(dim=1)
-        if routing_map.device.type == "cpu":  # on an accelerator this check would synchronise the host
-            worst, widest = (int(counts.max()), int(per_token.max())) if N else (0, 0)
-            if worst > C:
-                raise ValueError(
-                    f"expert {int(counts.argmax())} received {worst} tokens on this rank but drop-and-pad "
-                    f"blocks hold {C} (drop scope {self.drop_scope.value}, capacity factor "
-                    f"{self.config.moe_expert_capacity_factor}); the router must drop to capacity first")
-            if widest > self.topk:
-                raise ValueError(f"a token is routed to {widest} experts but moe_router_topk is {self.topk}")
-        else:
-            torch._assert_async((counts <= C).all(), "FlexFoldDispatcher: an expert exceeds its padded capacity")
-            torch._assert_async((per_token <= self.topk).all(), "FlexFoldDispatcher: a token exceeds moe_router_topk")
+        # Checked on the device, without a host synchronisation (on a CPU it raises right here).
+        torch._assert_async((routing_map.sum(dim=0) <= C).all(),
+                            f"FlexFoldDispatcher: an expert received more tokens than the drop-and-pad blocks hold ({C}) "
+                            f"(drop scope {self.drop_scope.value}, capacity factor {self.config.moe_expert_capacity_factor}); "
+                            "the router must drop to capacity first")
+        torch._assert_async((routing_map.sum(dim=1) <= self.topk).all(),
+                            f"FlexFoldDispatcher: a token is routed to more experts than moe_router_topk={self.topk}")
         position = routing_map.cumsum(dim=0) - 1  # [N, E] rank of each token inside its expert
         experts = torch.arange(E, device=routing_map.device)
         row = torch.where(routing_map, experts * C + position, E * C)  # unrouted pairs -> scratch row E*C
@@ -282,6 +332,11 @@ class FlexFoldDispatcher(MoETokenDispatcher):
             # As Megatron's alltoall dispatcher: the side stream catches up with the permutation, then
             # the shared expert's fc1 is launched right after the all-to-all and overlaps it.
             self.shared_experts.wait_current_stream()
+        if not self.pad:
+            rows = sum(self._read_splits())  # the host waits here, with the permutation already queued
+            if hidden.shape[0] != rows:  # the portable dropping path permuted for the N*K bound
+                hidden, probs = hidden[:rows], probs[:rows]
+                self._dest = self._dest[:rows]
         hidden, probs = all_to_all_v([hidden, probs], self._send, self._recv, self.ep_group, self.comm_counter)
         if self.shared_experts is not None:
             self.shared_experts.linear_fc1_forward_and_act(hidden)

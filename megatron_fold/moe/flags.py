@@ -145,6 +145,7 @@ def validate_fold_moe_config(config, drop_scope: DropScope | str = DropScope.SUB
 
     from megatron_fold.moe import fused  # the GPU boundary: whether this machine's GPUs have the kernels
 
+    errors.extend(fused.te_refusals(config))
     unavailable = fused.fusion_unavailable_reason(config)
     if unavailable:
         errors.append(unavailable)

@@ -28,7 +28,7 @@ import warnings
 
 import torch
 
-__all__ = ["router_fusion", "permute_fusion", "fused_permute", "fused_unpermute", "side_streams_available",
+__all__ = ["router_fusion", "permute_fusion", "fused_permute_can_run", "fused_permute", "fused_unpermute", "side_streams_available",
            "fusion_unavailable_reason"]
 
 _warned: set[str] = set()
@@ -55,6 +55,47 @@ def _have_router_kernels() -> bool:
 def _have_permute_kernels() -> bool:
     u = _moe_utils()
     return None not in (u.fused_permute_with_probs, u.fused_unpermute)
+
+
+def te_version():
+    """The installed Transformer Engine's version (packaging Version), or None without TE."""
+    import importlib.util
+
+    if importlib.util.find_spec("transformer_engine") is None:
+        return None
+    from megatron.core.utils import get_te_version
+
+    return get_te_version()
+
+
+# The first Transformer Engine whose fused router has the sqrtsoftplus score function (Megatron-Core 0.19's
+# topk_routing_with_score_function raises below it; TE's own kernel knows only softmax and sigmoid there).
+SQRTSOFTPLUS_MIN_TE = "2.13.0"
+
+
+def te_refusals(config) -> list[str]:
+    """Configurations Transformer Engine's fused kernels refuse at their first forward, named before
+    anything is built. Decided from the configuration and the installed TE version, on any machine
+    that has TE: a CPU run of such a configuration would take the portable path and hide the problem."""
+    problems = []
+    if config.moe_router_fusion and getattr(config, "moe_router_dtype", None) == "fp64":
+        # On every machine: TE's fused router computes in fp32 ("FP64 is currently not supported").
+        problems.append("moe_router_fusion=True with moe_router_dtype='fp64': Transformer Engine's fused router "
+                        "kernels compute in fp32 and do not take fp64 logits; set moe_router_dtype='fp32' or "
+                        "moe_router_fusion=False")
+    version = te_version()
+    if (config.moe_router_fusion and config.moe_router_score_function == "sqrtsoftplus" and version is not None
+            and version < _version(SQRTSOFTPLUS_MIN_TE)):
+        problems.append(f"moe_router_fusion=True with moe_router_score_function='sqrtsoftplus' needs Transformer "
+                        f"Engine >= {SQRTSOFTPLUS_MIN_TE} (installed: {version}); upgrade it or set "
+                        "moe_router_fusion=False")
+    return problems
+
+
+def _version(text: str):
+    from packaging.version import Version
+
+    return Version(text)
 
 
 def fusion_unavailable_reason(config) -> str | None:
@@ -114,6 +155,14 @@ def permute_fusion(config, hidden: torch.Tensor, padded: bool) -> bool:
     return True
 
 
+def fused_permute_can_run(num_out: int) -> bool:
+    """Whether TE's fused permute can take `num_out` output rows. Transformer Engine 2.15 added
+    `assert num_out_tokens > 0` to moe_permute_with_probs: a rank whose routed tokens were all dropped
+    (sequence-scope dropping can leave one with none) or that holds no token must not call it. The
+    portable permutation of zero rows is exact, so it runs instead, on every TE version."""
+    return num_out > 0
+
+
 def fused_permute(hidden: torch.Tensor, probs: torch.Tensor, routing_map: torch.Tensor, num_out: int):
     """[N, H], probs [N, E], map [N, E] -> rows [M, H] expert-major (tokens in order inside an expert, the
     portable path's order), their probs [M], and TE's row map for fused_unpermute."""
@@ -127,6 +176,12 @@ def fused_unpermute(rows: torch.Tensor, row_id_map: torch.Tensor, routing_map: t
     """Rows [M, H] -> [N, H], each token's rows summed (the experts already applied the probabilities)."""
     return _moe_utils().unpermute(rows, row_id_map, restore_shape=torch.Size((num_tokens, rows.shape[-1])),
                                   routing_map=routing_map, fused=True)
+
+
+def gating_gemm_can_run(inp: torch.Tensor) -> bool:
+    """Whether Megatron's router_gating_linear can run on `inp`: everywhere except CPU tensors on a
+    machine with Transformer Engine, whose GEMM (the one it then calls) needs CUDA tensors."""
+    return inp.is_cuda or _moe_utils().te_general_gemm is None
 
 
 def side_streams_available() -> bool:

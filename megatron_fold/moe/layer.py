@@ -65,9 +65,14 @@ class FoldMoELayer(MoELayer):
 
     Plugin-only options (spec parameters, not TransformerConfig fields):
       drop_scope: "subsequence" (Megatron's per-rank capacity) or "sequence" (layout-invariant).
-      check_finite: raise, naming the layer, when router scores are NaN or infinite. Costs one
-        all-reduce of one integer over TP x DP x CP and one host synchronisation per forward (so
-        drop-and-pad is free of host synchronisation only with check_finite=False).
+      check_finite: raise, naming the layer, when router scores are NaN or infinite. Off by default:
+        the check is a barrier (an all-reduce over TP x DP x CP and a host synchronisation per layer,
+        per micro-batch, again in recomputation), and nothing needs it to stay safe: NaN scores cannot
+        leave a rank blocked (top-k still picks k experts a token; the dispatcher's count exchange
+        stops a malformed map on every rank of its group) and the step's loss and gradients turn NaN,
+        which Megatron's check_for_nan_in_loss_and_grad (on by default in Megatron-LM) and the loss
+        check of `megatron-fold train` stop at a sync the step pays anyway. Turn it on
+        (--moe-fold-check-finite) to learn which layer went first.
       metrics: keep per-forward token counts for metrics() (no collective on the training path
         either way; False also skips the counting).
     """
@@ -82,7 +87,7 @@ class FoldMoELayer(MoELayer):
         name: str | None = None,
         *,
         drop_scope: DropScope | str = DropScope.SUBSEQUENCE,
-        check_finite: bool = True,
+        check_finite: bool = False,
         metrics: bool = True,
     ):
         if pg_collection is None:

@@ -58,6 +58,7 @@ import copy
 
 import torch
 import torch.distributed as dist
+from megatron.core.transformer.moe import moe_utils
 from megatron.core.transformer.moe.moe_utils import (
     compute_routing_scores_for_aux_loss,
     topk_routing_with_score_function,
@@ -91,7 +92,7 @@ class FoldRouter(TopKRouter):
     """
 
     def __init__(self, config, pg_collection=None, is_mtp_layer: bool = False, *,
-                 drop_scope: DropScope | str = DropScope.SUBSEQUENCE, check_finite: bool = True,
+                 drop_scope: DropScope | str = DropScope.SUBSEQUENCE, check_finite: bool = False,
                  record_token_counts: bool = True):
         _check_supported(config, pg_collection, drop_scope)
         self.drop_scope = DropScope.parse(drop_scope)
@@ -189,8 +190,13 @@ class FoldRouter(TopKRouter):
                 "(or use drop_scope='subsequence')")
 
     def gating(self, input: torch.Tensor) -> torch.Tensor:
-        """Upstream's gate (logits in moe_router_dtype) with torch matmuls on the input's device."""
+        """Upstream's gate: logits in moe_router_dtype from Megatron's own router_gating_linear, i.e.
+        Transformer Engine's GEMM with 16-bit inputs and fp32 output on GPUs (no fp32 copy of the input
+        or weight), its torch fallback elsewhere. Only CPU tensors on a machine with TE take
+        _RouterGate (TE's GEMM needs CUDA tensors); the numbers are the same fallback's."""
         router_dtype = _ROUTER_DTYPES.get(self.config.moe_router_dtype, input.dtype)
+        if fused.gating_gemm_can_run(input):
+            return moe_utils.router_gating_linear(input, self.weight, self.bias, router_dtype)
         return _RouterGate.apply(input, self.weight, self.bias, router_dtype)
 
     def _apply_expert_bias(self, routing_map: torch.Tensor, padding_mask: torch.Tensor | None = None):
@@ -244,21 +250,12 @@ class FoldRouter(TopKRouter):
         elif self.routing_type == "quantile_balancing":
             probs, routing_map = self._quantile_balancing(logits, padding_mask)
         else:
-            probs, routing_map = topk_routing_with_score_function(
-                logits, self.topk,
-                use_pre_softmax=self.config.moe_router_pre_softmax,
-                num_groups=self.config.moe_router_num_groups,
-                group_topk=self.config.moe_router_group_topk,
-                scaling_factor=self.config.moe_router_topk_scaling_factor,
-                score_function=self.score_function,
-                expert_bias=self.expert_bias,
-                fused=use_fused,
-                router_replay=self.router_replay,
-            )
+            probs, routing_map = self._topk(logits, use_fused, self.router_replay)
         routed = routing_map
         gathered_counts = None
         if self.config.moe_expert_capacity_factor is not None:
-            probs, routing_map, gathered_counts = self._drop(probs, routing_map, seq_length, bsz)
+            scores = self._drop_scores(logits, probs, use_fused)
+            probs, routing_map, gathered_counts = self._drop(probs, routing_map, seq_length, bsz, scores)
         self._record_token_counts(routed, routing_map, padding_mask, gathered_counts)
 
         if self.training and torch.is_grad_enabled() and self.is_aux_loss_enabled():
@@ -302,7 +299,7 @@ class FoldRouter(TopKRouter):
         A rank that raised alone would leave its peers blocked in the dispatcher's collectives, so the
         count of bad tokens is all-reduced over TP x DP x CP (every rank that runs this layer; the
         expert groups lie inside it). Costs one small all-reduce and one host synchronisation per
-        forward; turn it off with check_finite=False.
+        forward, so it runs only with check_finite=True (off by default, see FoldMoELayer).
         """
         local_bad = (~torch.isfinite(logits)).any(dim=-1).sum().reshape(1)  # [1] tokens with a bad logit
         total_bad = local_bad.clone()
@@ -368,11 +365,40 @@ class FoldRouter(TopKRouter):
         return before, after
 
     # ---- token dropping ---------------------------------------------------------------------------
-    def _drop(self, probs: torch.Tensor, routing_map: torch.Tensor, seq_length: int, bsz: int):
-        """probs, routing_map [S*B, E] -> the same after dropping, and (sequence scope) counts [2, E]."""
+    def _drop_scores(self, logits: torch.Tensor, probs: torch.Tensor, use_fused: bool) -> torch.Tensor:
+        """The probabilities drops are decided on [S*B, E]: probs themselves when they are fp32 or wider,
+        else the same top-k routing recomputed in fp32 from the logits (no gradient). In bf16 many
+        routing probabilities round to the same value (8 significant bits), and a tie would hand the
+        slot to the earlier token instead of the likelier one. A token whose fp32 choice of experts
+        differs from the 16-bit one (a near-tie) keeps its 16-bit probability for the pairs it is
+        routed to. Sinkhorn and quantile balancing compete on their own probabilities."""
+        if probs.dtype.itemsize >= 4 or self.routing_type in ("sinkhorn", "quantile_balancing"):
+            return probs.detach()
+        with torch.no_grad():
+            probs32, map32 = self._topk(logits.detach().float(), use_fused, router_replay=None)
+            return torch.where(map32, probs32, probs.detach().float())
+
+    def _topk(self, logits: torch.Tensor, use_fused: bool, router_replay):
+        """Upstream's top-k routing with this router's options: logits [N, E] -> probs, routing_map."""
+        return topk_routing_with_score_function(
+            logits, self.topk,
+            use_pre_softmax=self.config.moe_router_pre_softmax,
+            num_groups=self.config.moe_router_num_groups,
+            group_topk=self.config.moe_router_group_topk,
+            scaling_factor=self.config.moe_router_topk_scaling_factor,
+            score_function=self.score_function,
+            expert_bias=self.expert_bias,
+            fused=use_fused,
+            router_replay=router_replay,
+        )
+
+    def _drop(self, probs: torch.Tensor, routing_map: torch.Tensor, seq_length: int, bsz: int,
+              scores: torch.Tensor):
+        """probs, routing_map [S*B, E] -> the same after dropping, and (sequence scope) counts [2, E];
+        the routed pairs compete on `scores` [S*B, E] (see _drop_scores)."""
         cf = self.config.moe_expert_capacity_factor
         with torch.no_grad():
-            key = self._drop_key(probs, routing_map)  # [S*B, E]
+            key = self._drop_key(scores, routing_map)  # [S*B, E]
             if self.drop_scope is DropScope.SUBSEQUENCE:
                 keep = _keep_top(key, expert_capacity(key.shape[0], self.topk, self.num_experts, cf), dim=0)
                 counts = None
@@ -381,13 +407,13 @@ class FoldRouter(TopKRouter):
             kept = routing_map & keep
         return probs * kept, kept, counts
 
-    def _drop_key(self, probs: torch.Tensor, routing_map: torch.Tensor) -> torch.Tensor:
+    def _drop_key(self, scores: torch.Tensor, routing_map: torch.Tensor) -> torch.Tensor:
         """What a routed pair competes on for a slot (higher wins): its probability (probs policy) or
         nothing (position policy: all routed pairs tie, so the earlier token wins)."""
-        unrouted = torch.full_like(probs, _UNROUTED)
+        unrouted = torch.full_like(scores, _UNROUTED)
         if self.config.moe_token_drop_policy == "probs":
-            return torch.where(routing_map, probs.detach(), unrouted)
-        return torch.where(routing_map, torch.zeros_like(probs), unrouted)
+            return torch.where(routing_map, scores, unrouted)
+        return torch.where(routing_map, torch.zeros_like(scores), unrouted)
 
     def _sequence_keep(self, key: torch.Tensor, seq_length: int, bsz: int, cf: float):
         """Keep mask [S_local*B, E] for this rank's rows, decided per (sequence, expert) over whole
@@ -451,8 +477,9 @@ def _keep_top(key: torch.Tensor, k: int, dim: int) -> torch.Tensor:
 
 class _RouterGate(torch.autograd.Function):
     """logits = input @ weight.T (+ bias) computed in router_dtype, saving only the low-precision
-    input and weight (upstream's RouterGatingLinearFunction without its Transformer Engine GEMM,
-    which would fail on CPU tensors). input [..., H], weight [E, H] -> [..., E]."""
+    input and weight: upstream's RouterGatingLinearFunction without its Transformer Engine GEMM, for
+    CPU tensors on a machine where TE is installed (TE's GEMM would fail on them; see fused.py).
+    input [..., H], weight [E, H] -> [..., E]."""
 
     @staticmethod
     def forward(ctx, inp, weight, bias, router_dtype):

@@ -43,6 +43,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dropless", action="store_true", help="no token dropping (the default)")
     g.add_argument("--drop-policy", choices=["probs", "position"], default="probs",
                    help="which routed tokens an over-capacity expert keeps: the most probable, or the earliest")
+    g.add_argument("--bf16", action="store_true",
+                   help="bf16 parameters and activations: Megatron's Float16Module and mixed-precision optimizer "
+                        "(fp32 main weights); the router still gates to fp32 logits and decides drops in fp32")
     g.add_argument("--aux-loss-coeff", type=float, default=None,
                    help="load-balancing loss coefficient (default: --hf-config's router_aux_loss_coef, else 0.01)")
     g.add_argument("--z-loss-coeff", type=float, default=None)
@@ -142,6 +145,10 @@ def _model_config(args):
     if args.aux_loss_coeff is not None:
         override("moe_aux_loss_coeff", args.aux_loss_coeff, "--aux-loss-coeff")
     overrides.setdefault("moe_aux_loss_coeff", 1e-2)
+    if args.bf16:
+        import torch
+
+        overrides.update(bf16=True, params_dtype=torch.bfloat16, moe_router_dtype="fp32")
     if args.z_loss_coeff is not None:
         overrides["moe_z_loss_coeff"] = args.z_loss_coeff
     return family, overrides, hf.rotary_base if hf else 10000.0, hf

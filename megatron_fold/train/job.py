@@ -111,6 +111,7 @@ def _train(rank, layout, pgs, spec: JobSpec, tensor_parallel) -> dict | None:
                                 drop_scope=spec.drop_scope)
     if torch.cuda.is_available():
         chunks = [c.cuda() for c in chunks]
+
     dist_opt = spec.distributed_optimizer
     trainer = Trainer(chunks, config, pgs, distributed_optimizer=dist_opt, micro_batch_size=spec.mbs,
                       schedule=spec.schedule)

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import torch
 import torch.distributed as dist
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.transformer.module import Float16Module
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.utils import get_batch_on_this_cp_rank
@@ -99,7 +101,15 @@ class Trainer:
         schedule = schedule or Schedule(lr=lr, min_lr=lr, clip_grad=clip_grad)
         self.config, self.pg_collection, self.micro_batch_size = config, pg_collection, micro_batch_size
         self.distributed_optimizer = distributed_optimizer
-        ddp_config = DistributedDataParallelConfig(use_distributed_optimizer=distributed_optimizer)
+        mixed = bool(config.bf16 or config.fp16)
+        if mixed:
+            # Megatron's mixed precision, as Megatron-LM's get_model sets it up: 16-bit weights and
+            # activations in Float16Module (fp32 logits out of the last stage), gradients reduced in fp32
+            # (--accumulate-allreduce-grads-in-fp32: the sum over DP must not round per layout), fp32
+            # main weights in the optimizer below.
+            chunks = [c if isinstance(c, Float16Module) else Float16Module(config, c) for c in chunks]
+        ddp_config = DistributedDataParallelConfig(use_distributed_optimizer=distributed_optimizer,
+                                                   grad_reduce_in_fp32=mixed)
         self.model = [DistributedDataParallel(config, ddp_config, chunk, pg_collection=pg_collection)
                       for chunk in chunks]
         self.optimizer = get_megatron_optimizer(
@@ -150,6 +160,12 @@ class Trainer:
         self.optimizer.zero_grad()
         lr = self.optimizer.param_groups[0]["lr"]
         loss = self._run(tokens, loss_mask, forward_only=False)
+        if not math.isfinite(loss):
+            # The loss is the same number on every rank (reduced over DP x CP and PP), so every rank stops
+            # here, before a NaN reaches the weights: the check Megatron-LM's --check-for-nan-in-loss-and-grad
+            # makes, and what stands in for the MoE router's NaN check (check_finite, off by default).
+            raise FloatingPointError(f"training loss is {loss} at learning rate {lr:g}: diverged training or bad "
+                                     "input; the optimizer step was not taken")
         _, grad_norm, _ = self.optimizer.step()
         self.scheduler.step(increment=1)
         return StepResult(loss=loss, grad_norm=float(grad_norm), lr=lr)

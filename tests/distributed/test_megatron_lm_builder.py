@@ -47,7 +47,7 @@ LAYOUTS = {
     "pp2-vpp2-ep4-dense-first": (dict(pp=2, ep=4),
                                  ["--pipeline-model-parallel-size=2", "--num-layers-per-virtual-pipeline-stage=1",
                                   "--expert-model-parallel-size=4", "--moe-layer-freq=[0,1,1,1]",
-                                  "--moe-fold-no-check-finite"], [0, 1, 1, 1]),
+                                  "--moe-fold-check-finite"], [0, 1, 1, 1]),
     "cp2-ep8": (dict(cp=2, ep=8),
                 ["--context-parallel-size=2", "--expert-model-parallel-size=8", "--moe-fold-no-metrics",
                  "--moe-fold-drop-scope=sequence"], [1, 1, 1, 1]),
@@ -170,7 +170,7 @@ def test_megatron_lm_builder_builds_fold_layers(name):
             if pattern[number - 1]:
                 assert entry["fold"], f"rank {rank} layer {number}: {entry['class']}, not FoldMoELayer"
                 assert entry["drop_scope"] == drop_scope
-                assert entry["check_finite"] == ("--moe-fold-no-check-finite" not in extra)
+                assert entry["check_finite"] == ("--moe-fold-check-finite" in extra)
                 assert entry["metrics"] == ("--moe-fold-no-metrics" not in extra)
             else:
                 assert entry["class"] == "MLP", f"rank {rank} layer {number} should be dense, is {entry['class']}"

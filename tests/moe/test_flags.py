@@ -433,3 +433,90 @@ def test_flat_input_refused_where_the_sequence_axis_matters(pgs):
     with pytest.raises(ValueError, match=r"FlexFoldDispatcher expects hidden states \[seq_local, batch, hidden=16\] "
                                          r"or \[tokens, hidden=16\], got shape \(16, 1, 1, 16\)"):
         layer.token_dispatcher.dispatch_preprocess(torch.randn(N, 1, 1, H), routing_map, probs)
+
+
+# ---- what Transformer Engine refuses at its first forward, refused before anything is built ----------
+
+def _refusal(config) -> str:
+    with pytest.raises(ValueError) as e:
+        validate_fold_moe_config(config)
+    return str(e.value)
+
+
+def test_fp64_router_dtype_with_router_fusion_is_refused_on_every_machine():
+    message = _refusal(_config(moe_router_fusion=True, moe_router_dtype="fp64"))
+    assert "moe_router_fusion=True with moe_router_dtype='fp64'" in message
+    assert "set moe_router_dtype='fp32' or moe_router_fusion=False" in message
+    validate_fold_moe_config(_config(moe_router_fusion=True, moe_router_dtype="fp32"))
+    validate_fold_moe_config(_config(moe_router_fusion=False, moe_router_dtype="fp64"))
+
+
+@pytest.mark.parametrize("installed,refused", [("2.12.1", True), ("2.13.0", False), ("2.15.0", False), (None, False)])
+def test_fused_sqrtsoftplus_needs_te_2_13(monkeypatch, installed, refused):
+    from packaging.version import Version
+
+    monkeypatch.setattr(fused, "te_version", lambda: None if installed is None else Version(installed))
+    config = _config(moe_router_fusion=True, moe_router_score_function="sqrtsoftplus")
+    if refused:
+        assert ("moe_router_fusion=True with moe_router_score_function='sqrtsoftplus' needs Transformer Engine "
+                ">= 2.13.0 (installed: 2.12.1); upgrade it or set moe_router_fusion=False") in _refusal(config)
+    else:  # without TE (None) a CPU run takes the portable path, with a warning at the first forward
+        validate_fold_moe_config(config)
+    validate_fold_moe_config(_config(moe_router_fusion=False, moe_router_score_function="sqrtsoftplus"))
+
+
+def _dispatch_combine(dispatcher, x, routing_map, probs):
+    """Through every dispatcher stage with experts that only apply the probabilities."""
+    rows, p = dispatcher.dispatch_preprocess(x, routing_map, probs)
+    rows, p = dispatcher.token_dispatch(rows, p)
+    rows, _, p = dispatcher.dispatch_postprocess(rows, p)
+    return dispatcher.combine_postprocess(dispatcher.token_combine(dispatcher.combine_preprocess(rows * p.unsqueeze(-1))))
+
+
+@on_one_rank
+def test_zero_output_rows_never_reach_te_fused_permute(pgs, monkeypatch):
+    """TE >= 2.15 asserts num_out_tokens > 0 in its fused permute. A stand-in for TE's kernels (Megatron's
+    unfused permute / unpermute, which order rows the same way) asserts the same; the dispatcher must
+    take the portable path for a rank whose tokens were all dropped, and TE's path otherwise."""
+    from megatron.core.transformer.moe import moe_utils
+
+    from megatron_fold.moe.dispatcher import FlexFoldDispatcher
+
+    calls = []
+
+    def te_permute(hidden, probs, routing_map, num_out):
+        assert num_out > 0, "num_out_tokens must be greater than 0"  # TE 2.15's assert
+        calls.append(num_out)
+        rows, row_probs, row_map, _, _ = moe_utils.permute(hidden, routing_map, probs=probs, num_out_tokens=num_out)
+        return rows, row_probs, row_map
+
+    def te_unpermute(rows, row_map, routing_map, num_tokens):
+        return moe_utils.unpermute(rows, row_map, restore_shape=torch.Size((num_tokens, rows.shape[-1])),
+                                   routing_map=routing_map)
+
+    monkeypatch.setattr(fused, "permute_fusion",  # "a GPU with TE"
+                        lambda config, hidden, padded: config.moe_permute_fusion and not padded)
+    monkeypatch.setattr(fused, "fused_permute", te_permute)
+    monkeypatch.setattr(fused, "fused_unpermute", te_unpermute)
+    g = torch.Generator().manual_seed(0)
+    x, scores = torch.randn(S, B, H, generator=g), torch.rand(S * B, 8, generator=g)
+    top2 = torch.zeros(S * B, 8, dtype=torch.bool).scatter(1, scores.topk(2, dim=1).indices, True)
+    probs = scores * top2
+    dropping = _config(moe_permute_fusion=True, moe_expert_capacity_factor=1.0)
+    plain = _config(moe_expert_capacity_factor=1.0)
+    for routing_map, expected_calls in ((torch.zeros_like(top2), []), (top2, [2 * S * B])):
+        calls.clear()
+        out = _dispatch_combine(FlexFoldDispatcher(8, list(range(8)), dropping, pgs), x, routing_map, probs)
+        reference = _dispatch_combine(FlexFoldDispatcher(8, list(range(8)), plain, pgs), x, routing_map, probs)
+        assert calls == expected_calls
+        torch.testing.assert_close(out, reference, rtol=0, atol=1e-6)
+        # Closed form: each token's input times the sum of its routed probabilities.
+        torch.testing.assert_close(out, x * (probs * routing_map).sum(dim=1).view(S, B, 1), rtol=1e-6, atol=1e-6)
+    # Dropless: TE's output is sized for exactly top-k rows a token (Megatron's contract), so a map that
+    # routes a token to fewer experts is refused by name before any all-to-all.
+    dropless = _config(moe_permute_fusion=True)
+    short = top2.clone()
+    short[0] = False
+    with pytest.raises(ValueError, match="sizes Transformer Engine's permutation for exactly moe_router_topk=2 "
+                                         "experts a token .* but a token is routed to 0"):
+        _dispatch_combine(FlexFoldDispatcher(8, list(range(8)), dropless, pgs), x, short, probs)

@@ -343,12 +343,12 @@ def test_non_finite_logits_name_the_layer(pgs, cuda):
     x = _inputs(8)[0]
     x[3, 1, 0] = float("nan")
     x[5, 0, 2] = float("inf")
-    strict = _load(FoldRouter(config, pg_collection=pgs), _weights(config))
+    strict = _load(FoldRouter(config, pg_collection=pgs, check_finite=True), _weights(config))
     strict.set_layer_number(7)
     with pytest.raises(NonFiniteRouterScores, match=r"MoE layer 7: router scores are NaN or infinite for 2 of 36 "
                                                      r"tokens on this rank \(2 on the ranks"):
         strict(x)
-    lenient = _load(FoldRouter(config, pg_collection=pgs, check_finite=False), _weights(config))
+    lenient = _load(FoldRouter(config, pg_collection=pgs), _weights(config))  # the default: no check, no sync
     probs, _ = lenient(x)
     bad_rows = torch.isnan(probs).any(dim=-1).view(S, B)
     assert bad_rows[3, 1] and bad_rows[5, 0]  # the check is off: the NaN reaches the output
@@ -384,3 +384,45 @@ def test_bad_input_shape_is_explained(pgs, cuda):
         router(torch.zeros(S * B, 1, 1, H))
     with pytest.raises(ValueError, match=r"got shape \(36, 15\)"):
         router(torch.zeros(S * B, H - 1))
+
+
+# ---- bf16: the gate GEMM and the drop decision -------------------------------------------------------
+
+@on_one_rank
+def test_bf16_gate_is_megatrons_router_gating_linear_with_fp32_logits(pgs, cuda, monkeypatch):
+    """16-bit input and weight, fp32 logits through Megatron's own function (TE's bf16-in / fp32-out GEMM
+    on GPUs); equal to the fp32 product of the same bf16 values."""
+    from megatron.core.transformer.moe import moe_utils
+
+    calls = []
+    original = moe_utils.router_gating_linear
+    monkeypatch.setattr(moe_utils, "router_gating_linear", lambda *a: calls.append(a[3]) or original(*a))
+    config = _config(moe_router_dtype="fp32", params_dtype=torch.bfloat16, bf16=True)
+    router = _load(FoldRouter(config, pg_collection=pgs), _weights(config)).to(torch.bfloat16)
+    x = _inputs(8)[0].to(torch.bfloat16).requires_grad_(True)
+    logits = router.gating(x)
+    assert calls == [torch.float32] and logits.dtype == torch.float32
+    torch.testing.assert_close(logits, x.float() @ router.weight.float().t(), rtol=1e-6, atol=1e-6)
+    logits.sum().backward()
+    assert x.grad.dtype == torch.bfloat16 and router.weight.grad.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("scope", ["subsequence", "sequence"])
+@on_one_rank
+def test_drop_decision_uses_fp32_scores_in_bf16(pgs, cuda, scope):
+    """Two tokens compete for one slot of expert 0. In bf16 their probabilities round to the same value
+    (187/256), so the earlier token would win the tie; in fp32 the later one is likelier
+    (1/(1+e^-1) = 0.7311 against 1/(1+e^-0.9922) = 0.7295) and must keep the slot."""
+    config = _config(moe_expert_capacity_factor=1.0, params_dtype=torch.bfloat16, bf16=True)  # capacity 1
+    router = _load(FoldRouter(config, pg_collection=pgs, drop_scope=scope), _weights(config))
+    logits = torch.full((2, 1, 8), -4.0)
+    logits[:, 0, 0] = 2.0
+    logits[0, 0, 1], logits[1, 0, 1] = 1.0078125, 1.0  # token 0 is a little less sure of expert 0
+    logits = logits.to(torch.bfloat16)
+    router.gating = lambda inp: logits
+    probs, kept = router(torch.zeros(2, 1, H, dtype=torch.bfloat16))
+    bf16_probs = torch.softmax(logits.view(2, 8)[:, :2], dim=-1, dtype=torch.float32).to(torch.bfloat16)
+    assert bf16_probs[0, 0] == bf16_probs[1, 0] == 187 / 256  # the premise: a tie in bf16
+    assert probs.dtype == torch.bfloat16 and probs[1, 0] == 187 / 256 and probs[0, 0] == 0
+    assert kept[:, 0].tolist() == [False, True], kept  # fp32 decides: the later, likelier token
+    assert kept[:, 1].tolist() == [True, False], kept  # expert 1: token 0 (0.2705 > 0.2689) either way
