@@ -21,6 +21,7 @@ import runpy
 import sys
 
 from megatron_fold import megatron_lm
+from megatron_fold import pretrain_gpt_runtime as runtime
 
 __all__ = ["main", "find_pretrain_gpt"]
 
@@ -79,6 +80,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if "-h" in argv or "--help" in argv:
         print(USAGE, flush=True)
+    try:
+        argv, context = runtime.prepare(argv)
+    except runtime.RunError as e:
+        runtime.report(e)
+        return 2
     megatron_lm.install_arguments()
     saved_argv, saved_path = sys.argv, list(sys.path)
     # As `python pretrain_gpt.py` would: its directory first (gpt_builders, model_provider). The wheel's
@@ -86,10 +92,15 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, os.path.dirname(script))
     sys.argv = [script, *megatron_lm.with_fold_spec(argv)]
     try:
-        runpy.run_path(script, run_name="__main__")
+        with context:
+            runpy.run_path(script, run_name="__main__")
     except megatron_lm.FoldArgumentError as e:
         print(f"megatron-fold: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # noqa: BLE001 - on CPU ranks: one line instead of a traceback per rank
+        if not runtime.on_cpu():
+            raise
+        return runtime.report(e)
     finally:
         sys.argv, sys.path[:] = saved_argv, saved_path
         megatron_lm.uninstall_arguments()
