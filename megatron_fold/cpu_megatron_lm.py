@@ -165,7 +165,7 @@ def _report_host_memory(name, process_group=None):
 class Site:
     """One CUDA-only call on Megatron-LM's training path and its CPU answer."""
 
-    where: str  # Megatron file:line(s), in the megatron-core 0.19 wheel
+    where: str  # Megatron file:line(s) under the wheel's megatron/ (tests check each line makes the call)
     call: str  # what Megatron does there
     module: str  # the module whose attribute is replaced
     attribute: str
@@ -178,19 +178,19 @@ class Site:
 SITES: list[Site] = [
     Site("training/initialize.py:66", "assert torch.cuda.is_available() in initialize_megatron",
          "megatron.training.training", "initialize_megatron", _initialize_megatron_without_cuda, wraps=True),
-    Site("training/initialize.py:270,282,358,447,509-547,558",
+    Site("training/initialize.py:270,282,358,447,509,518,540,545,547,558",
          "torch.cuda.device_count() == 0 skips model-parallel groups and RNG seeding; set_device; "
          "JIT warm-up tensors on device='cuda'; empty_cache",
          "megatron.training.initialize", "torch", _TORCH),
-    Site("training/initialize.py:494 (set_jit_fusion_options, called at training.py:1117)",
+    Site("training/initialize.py:470,494 (set_jit_fusion_options and its _warmup_jit_function, called at training/training.py:1117)",
          "warms up the bias-GeLU / SwiGLU / dropout-add fusions with CUDA tensors",
          "megatron.training.training", "set_jit_fusion_options", _no_op),
-    Site("training/utils/common_utils.py:504 (via arguments.py:1414,1444,1484)",
+    Site("training/utils/common_utils.py:504 (via training/arguments.py:1414,1444,1484)",
          "get_device_arch_version: torch.cuda.get_device_properties('cuda:0')",
          "megatron.training.arguments", "get_device_arch_version", _no_device_architecture),
     Site("training/utils/common_utils.py:55,60,222-227", "gradient-norm buffers on device='cuda'",
          "megatron.training.utils.common_utils", "torch", _TORCH),
-    Site("training/utils/common_utils.py:313 (report_memory, called at training.py:2916,2927)",
+    Site("training/utils/common_utils.py:313 (report_memory, called at training/training.py:2916,2927)",
          "CUDA allocator statistics", "megatron.training.training", "report_memory", _report_host_memory),
     Site("training/training.py:1131,1137,2613,2884,3297,4270,4298,4377,4379,4588,4591,4644,4653",
          "start-time, loss-sum, exit-flag and eval-iteration tensors on device='cuda'; empty_cache",

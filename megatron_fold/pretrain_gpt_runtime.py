@@ -17,7 +17,7 @@ import traceback
 
 from megatron_fold import cpu_megatron_lm, dataset_helpers
 
-__all__ = ["RunError", "on_cpu", "prepare", "report"]
+__all__ = ["RunError", "on_cpu", "prepare", "report", "check_data_paths", "describe"]
 
 TRACEBACK_ENV = "MEGATRON_FOLD_TRACEBACK"
 # A failing rank other than 0 waits this long before printing: when rank 0 fails too it prints first and
@@ -41,6 +41,7 @@ def _rank() -> int:
 
 def prepare(argv: list[str]) -> tuple[list[str], contextlib.AbstractContextManager]:
     """(Megatron-LM's arguments, the context to run pretrain_gpt.py in). Raises RunError."""
+    check_data_paths(argv)
     added: list[str] = []
     if on_cpu():
         try:
@@ -48,6 +49,47 @@ def prepare(argv: list[str]) -> tuple[list[str], contextlib.AbstractContextManag
         except cpu_megatron_lm.CpuArgumentError as e:
             raise RunError(str(e)) from None
     return argv, _context(added)
+
+
+_DATA_FLAGS = ("--data-path", "--train-data-path", "--valid-data-path", "--test-data-path")
+
+
+def _values(argv: list[str], flag: str) -> list[str]:
+    """Every value given to a multi-value flag (`--flag a b c` or `--flag=a`)."""
+    values = []
+    for i, arg in enumerate(argv):
+        if arg == flag:
+            for value in argv[i + 1:]:
+                if value.startswith("--"):
+                    break
+                values.append(value)
+        elif arg.startswith(flag + "="):
+            values.append(arg.split("=", 1)[1])
+    return values
+
+
+def _is_weight(value: str) -> bool:
+    try:
+        float(value)
+    except ValueError:
+        return False
+    return True
+
+
+def check_data_paths(argv: list[str]) -> None:
+    """A --data-path prefix without its .bin / .idx pair fails only after every rank built its model, in
+    Megatron's dataset builder; say it before anything starts. Blend weights and object-storage paths
+    (scheme://) are not files to check."""
+    if "--mock-data" in argv:
+        return
+    for flag in _DATA_FLAGS:
+        for prefix in _values(argv, flag):
+            if _is_weight(prefix) or "://" in prefix:
+                continue
+            missing = [prefix + ext for ext in (".bin", ".idx") if not os.path.isfile(prefix + ext)]
+            if missing:
+                raise RunError(f"{flag} {prefix}: no {' or '.join(missing)} (a prefix made by Megatron-LM's "
+                               "tools/preprocess_data.py names both files without their extension)")
 
 
 @contextlib.contextmanager
