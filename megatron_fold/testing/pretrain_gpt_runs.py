@@ -10,7 +10,7 @@ and proves the resume: a run saved under one layout and loaded under another con
 uninterrupted run does. A control loads the same checkpoint with subsequence-scope drops (Megatron's
 own semantics), whose losses must differ, so the comparison is shown able to fail.
 
-    python -m megatron_fold.testing.pretrain_gpt_runs --out DIR [--iters 16] [--resume-at 6] \\
+    python -m megatron_fold.testing.pretrain_gpt_runs --out DIR [--iters 20] [--resume-at 10] \\
         [--megatron-lm DIR] [--no-control] -- <model and data arguments>
 """
 
@@ -40,6 +40,9 @@ MODEL_ARGS = [
     "--moe-router-load-balancing-type=aux_loss", "--moe-aux-loss-coeff=1e-2", "--moe-expert-capacity-factor=1.0",
     "--attention-dropout=0", "--hidden-dropout=0", "--lr=1e-3", "--min-lr=1e-4", "--lr-decay-style=cosine",
     "--lr-warmup-iters=2", "--seed=1234", "--log-interval=1", "--eval-interval=1000", "--eval-iters=0",
+    # Megatron pads the vocabulary to a multiple of this times TP: the default (128) pads a vocabulary of
+    # 128 to 256 under TP 2 and leaves it at 128 under TP 1, two different models (more logits).
+    "--make-vocab-size-divisible-by=64",
 ]
 # Folded layouts on 8 ranks (name: Megatron-LM arguments); the first is the reference.
 LAYOUTS = {
@@ -101,11 +104,21 @@ def torchrun(name: str, args: list[str], out_dir: str, nproc: int = 8, megatron_
 
 
 def losses(run: Run) -> dict[int, float]:
-    """{iteration: lm loss} as Megatron-LM's training log prints them (the last pipeline stage logs)."""
+    """{iteration: lm loss} of every iteration Megatron-LM's training log prints (the last pipeline stage
+    logs; --log-interval 1).
+
+    Megatron's training_log does not reset its loss sums after the first iteration a run logs
+    (training.py:2593, "so normal interval stats remain accurate"): the run's second line holds the mean
+    of its first two iterations, so that iteration's own loss is 2 * logged - first (to the 7 digits
+    the log prints)."""
     found: dict[int, float] = {}
     for text in run.ranks.values():
         for iteration, loss in _ITERATION.findall(text):
             found[int(iteration)] = float(loss)
+    if found:
+        first = min(found)
+        if first + 1 in found:
+            found[first + 1] = 2 * found[first + 1] - found[first]
     return found
 
 
@@ -125,6 +138,7 @@ class LayoutComparison:
     control: str | None
     control_difference: float | None
     runs: dict[str, Run]
+    checkpoint: str  # the reference's, saved at the resume iteration
     rtol: float = LOSS_RTOL
 
     @property
@@ -150,7 +164,7 @@ class LayoutComparison:
 
 
 def compare_layouts(out_dir: str, model_args: list[str], layouts: dict[str, list[str]] | None = None,
-                    iters: int = 16, resume_at: int = 6, control: bool = True, megatron_lm: str | None = None,
+                    iters: int = 20, resume_at: int = 10, control: bool = True, megatron_lm: str | None = None,
                     nproc: int = 8, timeout: float = 600, rtol: float = LOSS_RTOL) -> LayoutComparison:
     """The reference run (first layout, from scratch, --save at resume_at), every other layout and the
     control resumed from its checkpoint; see the module docstring."""
@@ -176,15 +190,16 @@ def compare_layouts(out_dir: str, model_args: list[str], layouts: dict[str, list
                    else float("inf") for name in names[1:]}
     return LayoutComparison(
         reference, compared, found, differences, control_name,
-        largest_relative_difference(found[reference], after[control_name]) if control_name else None, runs, rtol)
+        largest_relative_difference(found[reference], after[control_name]) if control_name else None, runs,
+        checkpoint, rtol)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m megatron_fold.testing.pretrain_gpt_runs",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="directory for the rank logs and the checkpoint")
-    parser.add_argument("--iters", type=int, default=16)
-    parser.add_argument("--resume-at", type=int, default=6)
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--resume-at", type=int, default=10)
     parser.add_argument("--megatron-lm", default=None, help="Megatron-LM checkout (else $MEGATRON_LM_PATH)")
     parser.add_argument("--no-control", dest="control", action="store_false")
     parser.add_argument("--timeout", type=float, default=1200, help="seconds per run")
