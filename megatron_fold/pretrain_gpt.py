@@ -11,7 +11,7 @@ it runs, the plugin flags join Megatron-LM's own parser (`--help` lists them und
 its argument validation (megatron_lm.install_arguments), and `--moe-fold` brings
 `--spec megatron_fold.megatron_lm fold_layer_spec`, through which GPTModelBuilder builds FoldMoELayer.
 Arguments the plugin cannot run with exit with status 2 and a message naming the flags, before any
-GPU is touched. Users who keep a fork can apply patches/pretrain_gpt-core_v0.19.0.patch instead.
+GPU is touched. Without a CUDA device the run goes to gloo CPU ranks (pretrain_gpt_runtime, cpu_megatron_lm). Users who keep a fork can apply patches/pretrain_gpt-core_v0.19.0.patch instead.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import os
 import runpy
 import sys
 
-from megatron_fold import megatron_lm
+from megatron_fold import cpu_megatron_lm, megatron_lm
 from megatron_fold import pretrain_gpt_runtime as runtime
 
 __all__ = ["main", "find_pretrain_gpt"]
@@ -28,7 +28,9 @@ __all__ = ["main", "find_pretrain_gpt"]
 ENV = "MEGATRON_LM_PATH"
 USAGE = ("usage: python -m megatron_fold.pretrain_gpt [--megatron-lm DIR] [Megatron-LM arguments] --moe-fold "
          "[--moe-fold-drop-scope {subsequence,sequence}] (Megatron-LM's checkout: --megatron-lm DIR, else "
-         f"${ENV}, else found on sys.path; Megatron-LM's own help follows)")
+         f"${ENV}, else found on sys.path; Megatron-LM's own help follows)\n"
+         "Without a CUDA device it trains on gloo CPU ranks (megatron_fold.cpu_megatron_lm), adding the arguments "
+         "that needs: " + " ".join(f if v is None else f"{f} {v}" for f, v, _ in cpu_megatron_lm.CPU_ARGUMENTS))
 
 
 class UsageError(Exception):
@@ -95,8 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         with context:
             runpy.run_path(script, run_name="__main__")
     except megatron_lm.FoldArgumentError as e:
-        print(f"megatron-fold: error: {e}", file=sys.stderr)
-        return 2
+        return runtime.report(runtime.RunError(str(e)))
     except Exception as e:  # noqa: BLE001 - on CPU ranks: one line instead of a traceback per rank
         if not runtime.on_cpu():
             raise

@@ -117,9 +117,9 @@ def _megatron_frame(error: BaseException) -> str | None:
 
 def describe(error: BaseException) -> str:
     """One line: what stopped the run, and where in Megatron."""
-    text = " ".join(str(error).split()) or type(error).__name__
     if isinstance(error, RunError | dataset_helpers.DatasetHelpersMissing):
-        return text
+        return str(error)  # ours: already worded for the user (may list several problems)
+    text = " ".join(str(error).split()) or type(error).__name__
     where = _megatron_frame(error)
     at = f" (at {where})" if where else ""
     if any(word in text for word in ("CUDA", "NVIDIA", "cuda")):

@@ -95,6 +95,10 @@ def torchrun(name: str, args: list[str], out_dir: str, nproc: int = 8, megatron_
         timed_out = True
         os.killpg(process.pid, signal.SIGKILL)
         output, _ = process.communicate()
+    finally:  # interrupted (a test's timeout, ^C): no rank outlives its caller
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
     ranks = {}
     for path in glob.glob(os.path.join(log_dir, "*", "attempt_0", "*", "std*.log")):
         rank = int(os.path.basename(os.path.dirname(path)))

@@ -13,6 +13,7 @@ non-zero exit on every rank.
 import glob
 import json
 import os
+import re
 import subprocess
 import sys
 import sysconfig
@@ -46,6 +47,8 @@ def mock_comparison(tmp_path_factory):
     return comparison
 
 
+# The first test to use mock_comparison pays for its four runs of 8 ranks (about 5 minutes on 2 idle cores).
+@pytest.mark.timeout(2400)
 def test_layouts_agree_on_mock_data(mock_comparison):
     for name, run in mock_comparison.runs.items():
         assert run.returncode == 0, run.tail()
@@ -55,11 +58,13 @@ def test_layouts_agree_on_mock_data(mock_comparison):
         assert difference <= runs.LOSS_RTOL, (layout, mock_comparison.table())
 
 
+@pytest.mark.timeout(2400)
 def test_subsequence_control_differs(mock_comparison):
     # The same checkpoint and layout with Megatron's own drop semantics: the comparison can fail.
     assert mock_comparison.control_difference > 10 * runs.LOSS_RTOL, mock_comparison.table()
 
 
+@pytest.mark.timeout(2400)
 def test_resume_under_another_layout_continues_the_uninterrupted_run(mock_comparison):
     reference = mock_comparison.runs[mock_comparison.reference]
     assert "successfully saved checkpoint from iteration      10" in reference.rank_output
@@ -69,6 +74,7 @@ def test_resume_under_another_layout_continues_the_uninterrupted_run(mock_compar
     assert mock_comparison.differences["cp2-pp2-ep4-etp1"] <= runs.LOSS_RTOL
 
 
+@pytest.mark.timeout(2400)
 def test_cpu_run_says_what_it_added(mock_comparison):
     reference = mock_comparison.runs[mock_comparison.reference]
     assert "megatron-fold: no CUDA device: Megatron-LM trains on CPU ranks (gloo); added --distributed-backend gloo" \
@@ -103,6 +109,7 @@ def text_prefix(tmp_path_factory):
     return prefix
 
 
+@pytest.mark.timeout(2400)
 def test_layouts_agree_on_preprocessed_text(text_prefix, tmp_path):
     comparison = runs.compare_layouts(str(tmp_path), [*runs.MODEL_ARGS, *BYTES, f"--data-path={text_prefix}",
                                                       "--split=98,2,0"], control=False, megatron_lm=CHECKOUT)
@@ -121,9 +128,12 @@ def _bad_run(tmp_path, name, args, nproc=2):
     assert not run.timed_out, run.tail()
     assert run.returncode != 0, run.tail()
     errors = [line for line in run.rank_output.splitlines() if line.startswith("megatron-fold: error")]
-    assert len(errors) == 1, run.tail()  # one line, from one rank
+    # One message: rank 0 prints it and the others, which wait before printing, are stopped by torchrun
+    # first (on a loaded machine a slow rank 0 may let a second rank repeat it, tagged with its rank).
+    assert errors and len({re.sub(r"^megatron-fold: error \(rank \d+\)", "megatron-fold: error", e) for e in errors}) == 1, \
+        run.tail()
     assert "Traceback" not in run.rank_output, run.tail()
-    return errors[0]
+    return "\n".join(run.rank_output.splitlines()[run.rank_output.splitlines().index(errors[0]):][:12])
 
 
 def test_layout_that_does_not_divide(tmp_path):
@@ -143,6 +153,7 @@ def test_missing_data_path(tmp_path):
     assert f"--data-path {tmp_path}/nothing_text_document: no" in line and ".bin" in line, line
 
 
+@pytest.mark.timeout(2400)
 def test_checkpoint_of_another_model(mock_comparison, tmp_path):
     checkpoint = mock_comparison.checkpoint
     args = [a.replace("--hidden-size=64", "--hidden-size=96") for a in SMALL]
