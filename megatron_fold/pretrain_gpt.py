@@ -98,8 +98,9 @@ def main(argv: list[str] | None = None) -> int:
             runpy.run_path(script, run_name="__main__")
     except megatron_lm.FoldArgumentError as e:
         return runtime.report(runtime.RunError(str(e)))
-    except Exception as e:  # noqa: BLE001 - on CPU ranks: one line instead of a traceback per rank
-        if not runtime.on_cpu():
+    except BaseException as e:  # noqa: BLE001 - on CPU ranks: one line instead of a traceback per rank
+        # (BaseException: torch.distributed.checkpoint's CheckpointException derives from it directly)
+        if isinstance(e, SystemExit | KeyboardInterrupt) or not runtime.on_cpu():
             raise
         return runtime.report(e)
     finally:

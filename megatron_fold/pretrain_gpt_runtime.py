@@ -115,17 +115,30 @@ def _megatron_frame(error: BaseException) -> str | None:
     return where
 
 
+def _last_error_line(text: str, limit: int = 400) -> str:
+    """The message of an error, on one line. torch.distributed.checkpoint's CheckpointException carries each
+    rank's whole traceback as its text: its last line is the error that stopped that rank."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if any(line.startswith("Traceback") for line in lines):
+        lines = lines[-1:]
+    line = " ".join(lines)
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
 def describe(error: BaseException) -> str:
     """One line: what stopped the run, and where in Megatron."""
     if isinstance(error, RunError | dataset_helpers.DatasetHelpersMissing):
         return str(error)  # ours: already worded for the user (may list several problems)
-    text = " ".join(str(error).split()) or type(error).__name__
+    message = _last_error_line(str(error))
+    text = f"{type(error).__name__}: {message}" if message else type(error).__name__
     where = _megatron_frame(error)
     at = f" (at {where})" if where else ""
+    if any(frame.name == "load_checkpoint" for frame in traceback.extract_tb(error.__traceback__)):
+        return f"the checkpoint given with --load does not load into this model{at}: {text}"
     if any(word in text for word in ("CUDA", "NVIDIA", "cuda")):
         return (f"this run reached a CUDA-only path that megatron-fold's CPU tier does not answer{at}: "
-                f"{type(error).__name__}: {text}; run it on a GPU machine, or leave out the option that leads there")
-    return f"Megatron-LM stopped{at}: {type(error).__name__}: {text}"
+                f"{text}; run it on a GPU machine, or leave out the option that leads there")
+    return f"Megatron-LM stopped{at}: {text}"
 
 
 def report(error: BaseException) -> int:
