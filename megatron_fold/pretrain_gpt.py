@@ -13,7 +13,8 @@ its argument validation (megatron_lm.install_arguments), and `--moe-fold` brings
 Arguments the plugin cannot run with exit with status 2 and a message naming the flags, before any
 GPU is touched; a checkout of another release than the installed megatron-core (its
 megatron/core/package_info.py) too. Errors and notes are printed by rank 0 (or a process without RANK)
-only. Unset CUDA_DEVICE_MAX_CONNECTIONS is set to 1, as Megatron-LM requires with TP or CP. Users who keep
+only. Unset CUDA_DEVICE_MAX_CONNECTIONS is set to 1, as Megatron-LM requires with TP or CP. Without a CUDA device the
+run goes to gloo CPU ranks (pretrain_gpt_runtime, cpu_megatron_lm). Users who keep
 a fork can apply patches/pretrain_gpt-core_v0.19.0.patch instead.
 """
 
@@ -25,7 +26,8 @@ import runpy
 import sys
 from importlib import metadata
 
-from megatron_fold import megatron_lm
+from megatron_fold import cpu_megatron_lm, megatron_lm
+from megatron_fold import pretrain_gpt_runtime as runtime
 
 __all__ = ["main", "usage", "find_pretrain_gpt", "checkout_version", "check_checkout_version",
            "set_cuda_device_max_connections"]
@@ -36,7 +38,9 @@ ENV = "MEGATRON_LM_PATH"
 def usage() -> str:
     return (f"usage: python -m megatron_fold.pretrain_gpt [--megatron-lm DIR] [Megatron-LM arguments] "
             f"{megatron_lm.plugin_usage()} (Megatron-LM's checkout: --megatron-lm DIR, else ${ENV}, else found on "
-            "sys.path; Megatron-LM's own help follows)")
+            "sys.path; Megatron-LM's own help follows)\n"
+            "Without a CUDA device it trains on gloo CPU ranks (megatron_fold.cpu_megatron_lm), adding the "
+            "arguments that needs: " + " ".join(f if v is None else f"{f} {v}" for f, v, _ in cpu_megatron_lm.CPU_ARGUMENTS))
 
 
 class UsageError(Exception):
@@ -147,6 +151,11 @@ def main(argv: list[str] | None = None) -> int:
     if "-h" in argv or "--help" in argv:
         print(usage(), flush=True)
     set_cuda_device_max_connections(argv)
+    try:
+        argv, context = runtime.prepare(argv)
+    except runtime.RunError as e:
+        runtime.report(e)
+        return 2
     megatron_lm.install_arguments()
     saved_argv, saved_path = sys.argv, list(sys.path)
     # As `python pretrain_gpt.py` would: its directory first (gpt_builders, model_provider). The wheel's
@@ -154,9 +163,15 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, os.path.dirname(script))
     sys.argv = [script, *megatron_lm.with_fold_spec(argv)]
     try:
-        runpy.run_path(script, run_name="__main__")
+        with context:
+            runpy.run_path(script, run_name="__main__")
     except megatron_lm.FoldArgumentError as e:
         return _error(e)
+    except BaseException as e:  # noqa: BLE001 - on CPU ranks: one line instead of a traceback per rank
+        # (BaseException: torch.distributed.checkpoint's CheckpointException derives from it directly)
+        if isinstance(e, SystemExit | KeyboardInterrupt) or not runtime.on_cpu():
+            raise
+        return runtime.report(e)
     finally:
         sys.argv, sys.path[:] = saved_argv, saved_path
         megatron_lm.uninstall_arguments()

@@ -10,6 +10,7 @@ import subprocess
 import pytest
 
 from megatron_fold import megatron_lm
+from megatron_fold.testing import pretrain_gpt_runs
 from tests.test_slurm import SHELLCHECK, megatron_validate  # noqa: F401  (fixture)
 
 SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "smoke_8gpu.sh"
@@ -31,21 +32,24 @@ def test_shellcheck_clean():
 def test_dry_run_on_8_gpus(tmp_path, megatron_validate):  # noqa: F811
     r, commands = _dry_run(tmp_path, 8)
     assert r.returncode == 0, r.stderr
-    pretrain = [c for c in commands if "megatron_fold.pretrain_gpt" in c]
-    assert len(pretrain) == 4  # three folded layouts and Megatron's own dispatcher
-    fold = [c for c in pretrain if "--moe-fold" in c]
-    baseline = [c for c in pretrain if "--moe-fold" not in c]
-    assert len(fold) == 3 and len(baseline) == 1
+    # (b): the CPU tier's comparison module with the smoke model; (c): Megatron's own dispatcher.
+    comparison = [c for c in commands if "megatron_fold.testing.pretrain_gpt_runs" in c]
+    baseline = [c for c in commands if "megatron_fold.pretrain_gpt" in c]
+    assert len(comparison) == 1 and len(baseline) == 1
     assert "--moe-token-dispatcher-type=alltoall" in baseline[0] and "--transformer-impl=transformer_engine" in baseline[0]
+    model = comparison[0][comparison[0].index("--") + 1:]
+    iters = int(comparison[0][comparison[0].index("--iters") + 1])
     layouts = set()
-    for c in fold:
-        args = megatron_validate(c[c.index("megatron_fold.pretrain_gpt") + 1:],
+    for layout_args in pretrain_gpt_runs.LAYOUTS.values():
+        # What the module runs for each layout (the reference's --save / the others' --load aside).
+        args = megatron_validate([*model, *layout_args, *pretrain_gpt_runs.FOLD_ARGS, f"--train-iters={iters}"],
                                  {"WORLD_SIZE": "8", "CUDA_DEVICE_MAX_CONNECTIONS": "1"})
         assert args.moe_fold and args.moe_fold_drop_scope == "sequence" and args.train_iters == 20
         layout = megatron_lm.layout_from_args(args)
-        assert layout.is_folded
-        layouts.add((layout.tp, layout.cp, layout.pp, layout.ep, layout.etp))
-    assert len(layouts) == 3
+        layouts.add((layout.tp, layout.cp, layout.pp, layout.ep, layout.etp, layout.is_folded))
+    # The issue's three; by FoldedLayout.is_folded only TP2+SP EP4 ETP1 is folded (the others keep EP inside
+    # DP x CP and ETP on the TP groups, the grid Megatron built before folding).
+    assert layouts == {(2, 1, 1, 4, 1, True), (1, 2, 2, 4, 1, False), (2, 1, 1, 2, 2, False)}
     assert any("MFOLD_TEST_DEVICE=cuda" in c for c in commands)
     summary = (tmp_path / "summary.txt").read_text()
     assert "DRY RUN" in summary and "SKIPPED" not in summary and "FAILED" not in summary
@@ -54,7 +58,7 @@ def test_dry_run_on_8_gpus(tmp_path, megatron_validate):  # noqa: F811
 def test_fewer_gpus_says_what_it_skips(tmp_path):
     r, commands = _dry_run(tmp_path, 2)
     summary = (tmp_path / "summary.txt").read_text()
-    assert r.returncode == 0 and not any("megatron_fold.pretrain_gpt" in c for c in commands)
+    assert r.returncode == 0 and not any("megatron_fold.pretrain_gpt" in c or "pretrain_gpt_runs" in c for c in commands)
     assert "SKIPPED (b)" in summary and "needs 8 GPUs, 2 available" in summary and "SKIPPED (c)" in summary
     assert "SKIPPED (a) invariance tests: they need 8 GPUs, one per rank" in summary
     r, _ = _dry_run(tmp_path, 0)
