@@ -81,6 +81,31 @@ def _run(argv, tmp_path, env_extra=None):
                           env=_env(tmp_path, env_extra), capture_output=True, text=True, timeout=240)
 
 
+def _run_as_on_a_gpu_machine(argv, tmp_path, monkeypatch, capsys, env_extra=None):
+    """The drop-in in this process as on a CUDA machine without TE / Apex: the CPU tier (which supplies its
+    own --transformer-impl local and kernel flags on a machine without CUDA) is not entered."""
+    import types
+
+    from megatron_fold import pretrain_gpt_runtime
+
+    for key in ("MEGATRON_LM_PATH", "RANK", "WORLD_SIZE", "CUDA_DEVICE_MAX_CONNECTIONS"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in {"WORLD_SIZE": "8", "RANK": "0", "MFOLD_TEST_OUT": str(tmp_path / "out.json"),
+                       **(env_extra or {})}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(pretrain_gpt_runtime, "on_cpu", lambda: False)
+    from megatron.training import global_vars
+
+    global_vars.unset_global_variables()  # Megatron's own reset between runs in one process
+    capsys.readouterr()
+    try:
+        rc = _main_rc(argv)
+    finally:
+        global_vars.unset_global_variables()
+    out, err = capsys.readouterr()
+    return types.SimpleNamespace(returncode=rc, stdout=out, stderr=err)
+
+
 def _is_minimal(directory) -> bool:
     return (pathlib.Path(directory) / "sibling_builders.py").exists()
 
@@ -99,7 +124,7 @@ def test_help_lists_plugin_flags(megatron_dir, tmp_path):
     usage = next(line for line in r.stdout.splitlines() if line.startswith("usage: python -m megatron_fold"))
     assert "--megatron-lm DIR" in usage  # our usage line first, with every plugin flag
     flags = _plugin_flags()
-    assert len(flags) == 5 and all(f"[{flag}" in usage for flag in flags), (flags, usage)
+    assert len(flags) == 6 and all(f"[{flag}" in usage for flag in flags), (flags, usage)
     for flag in (*flags, "--num-experts"):  # and Megatron-LM's own help, with the plugin's group
         assert flag in r.stdout.split(usage, 1)[1], flag
 
@@ -228,7 +253,7 @@ def test_checkout_of_another_release_exits_2_naming_both(tmp_path, monkeypatch, 
     assert "core_v0.19.0" in err
 
 
-def test_checkout_of_the_same_release_runs_with_what_megatron_needs_set(tmp_path, capsys):
+def test_checkout_of_the_same_release_runs_with_what_megatron_needs_set(tmp_path, monkeypatch, capsys):
     """A 0.19.0 checkout (its megatron/ folder first on sys.path, as a full checkout's is) runs against the
     0.19.x wheel without a note; unset CUDA_DEVICE_MAX_CONNECTIONS is set to 1, and a fused kernel whose
     package is missing is turned off, each with one note."""
@@ -238,7 +263,8 @@ def test_checkout_of_the_same_release_runs_with_what_megatron_needs_set(tmp_path
     pretrain_gpt.check_checkout_version(str(directory / "pretrain_gpt.py"))  # no error
     assert capsys.readouterr().out == ""  # and no note
     argv = [a for a in ARGS if a not in ("--no-rope-fusion", "--no-gradient-accumulation-fusion")]
-    r = _run(["--megatron-lm", str(directory), *argv, "--position-embedding-type=rope", "--moe-fold"], tmp_path)
+    r = _run_as_on_a_gpu_machine(["--megatron-lm", str(directory), *argv, "--position-embedding-type=rope", "--moe-fold"],
+                                 tmp_path, monkeypatch, capsys)
     assert r.returncode == 0 and "version is unknown" not in r.stdout, r.stderr[-3000:]
     got = json.loads((tmp_path / "out.json").read_text())
     assert got["cuda_device_max_connections"] == "1" and r.stdout.count("set CUDA_DEVICE_MAX_CONNECTIONS=1") == 1
@@ -252,10 +278,11 @@ def test_checkout_of_the_same_release_runs_with_what_megatron_needs_set(tmp_path
             assert f"megatron-fold: note: {flag} set" not in r.stdout
 
 
-def test_checkout_without_package_info_runs_with_a_note(tmp_path):
+def test_checkout_without_package_info_runs_with_a_note(tmp_path, monkeypatch, capsys):
     directory = _write_minimal(tmp_path / "scripts-only")
     assert pretrain_gpt.checkout_version(str(directory)) is None
-    r = _run(["--megatron-lm", str(directory), *ARGS, "--moe-fold"], tmp_path, {"CUDA_DEVICE_MAX_CONNECTIONS": "8"})
+    r = _run_as_on_a_gpu_machine(["--megatron-lm", str(directory), *ARGS, "--moe-fold"], tmp_path, monkeypatch, capsys,
+                                 {"CUDA_DEVICE_MAX_CONNECTIONS": "8"})
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("Megatron-LM version is unknown") == 1
     assert f"core_v0.19.x, the release of the installed megatron-core {INSTALLED}" in r.stdout
@@ -314,7 +341,7 @@ def test_without_transformer_engine_its_layers_are_refused_naming_the_flag(tmp_p
     for key, value in _env(tmp_path).items():
         monkeypatch.setenv(key, value)
     argv = [a for a in ARGS if a != "--transformer-impl=local"]
-    assert _main_rc(["--megatron-lm", str(directory), *argv, "--moe-fold"]) == 2
-    err = capsys.readouterr().err
+    err = _run_as_on_a_gpu_machine(["--megatron-lm", str(directory), *argv, "--moe-fold"], tmp_path, monkeypatch,
+                                   capsys).stderr
     assert err.count("megatron-fold: error: Transformer Engine is not installed") == 1 and "Traceback" not in err
     assert "pass --transformer-impl local" in err
