@@ -154,8 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         argv, context = runtime.prepare(argv)
     except runtime.RunError as e:
-        runtime.report(e)
-        return 2
+        return runtime.report(e)  # exit status 2 for a RunError
     megatron_lm.install_arguments()
     saved_argv, saved_path = sys.argv, list(sys.path)
     # As `python pretrain_gpt.py` would: its directory first (gpt_builders, model_provider). The wheel's
