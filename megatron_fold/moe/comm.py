@@ -18,15 +18,20 @@ What gloo offers in torch 2.14 (probed on 4 ranks): `all_to_all_single` with une
   accuracy at bf16 bytes), and it can carry tensors of several dtypes at once. The bytes a rank sends
   equal a ring reduce-scatter's: every row but its own block, once.
 
-Tensors of different dtypes (hidden states in bf16, routing probabilities in fp32) travel together:
-their rows are packed as raw bytes side by side, so one collective moves both without a lossy cast.
-Copies are kept to what the exchange needs: a single tensor is sent as it is; several are packed
-once (one copy) and come back as views into the receive buffer (no copy); tensors that already are
-the views of one packed buffer (the output of a previous collective) are sent without repacking.
+Tensors of different dtypes (hidden states in bf16, routing probabilities in fp32) travel side by side:
+each in its own collective, all issued before any is waited on, as Megatron's alltoall dispatcher sends
+hidden states and probabilities in two all-to-alls. They were once packed as raw bytes into one
+[rows, bytes] buffer so that one collective moved both; that cost a full copy of the hidden states into
+the buffer, and since the columns of a packed row are strided views, the experts' GEMMs copied them out
+again (and the backward packed the gradients once more): about three activation copies a layer to save
+one collective of [rows] probabilities (scripts/bench_moe_layer.py --baseline-rev compares the two).
+A contiguous tensor is sent as it is and every result is a fresh contiguous receive buffer: no copy
+beyond what the exchange itself writes.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -60,93 +65,8 @@ class CommCounter:
         self.bytes_sent.clear()
 
 
-# ---- packing: row-aligned tensors of any dtypes as one [rows, bytes] buffer -------------------------
-
-def _row_elems(t: torch.Tensor) -> int:
-    n = 1
-    for d in t.shape[1:]:
-        n *= d
-    return n
-
-
-def _columns(tensors: list[torch.Tensor]) -> tuple[int, list[int]]:
-    """(row width in bytes, byte offset of each tensor's columns).
-
-    Each tensor starts at a multiple of its element size and the width is a multiple of the largest
-    one, so every column block can be viewed in its own dtype in place (no copy on unpacking).
-    """
-    offsets, col, align = [], 0, 1
-    for t in tensors:
-        es = t.element_size()
-        col = -(-col // es) * es
-        offsets.append(col)
-        col += _row_elems(t) * es
-        align = max(align, es)
-    return -(-col // align) * align, offsets
-
-
-def _inner_contiguous(t: torch.Tensor) -> bool:
-    expected = 1
-    for d in range(t.dim() - 1, 0, -1):
-        if t.shape[d] != 1 and t.stride(d) != expected:
-            return False
-        expected *= t.shape[d]
-    return True
-
-
-def _packed_base(tensors: list[torch.Tensor], width: int, offsets: list[int]) -> torch.Tensor | None:
-    """The [rows, width] byte buffer `tensors` already lie in with exactly our packing, if they do.
-
-    Decided from memory layout alone (same storage, each tensor at its column offset, rows `width`
-    bytes apart), so a buffer found here holds exactly the bytes packing would write.
-    """
-    rows, first = tensors[0].shape[0], tensors[0]
-    if rows == 0:
-        return None
-    storage = first.untyped_storage()
-    base = first.storage_offset() * first.element_size() - offsets[0]
-    for t, off in zip(tensors, offsets):
-        es = t.element_size()
-        if (t.untyped_storage().data_ptr() != storage.data_ptr() or t.storage_offset() * es != base + off
-                or (rows > 1 and t.stride(0) * es != width) or not _inner_contiguous(t)):
-            return None
-    if base < 0 or base + rows * width > storage.nbytes():
-        return None
-    return torch.empty(0, dtype=torch.uint8, device=first.device).set_(storage, base, (rows, width), (width, 1))
-
-
-def _pack(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """[rows, ...] tensors -> one [rows, cols] buffer (the tensor itself when there is one)."""
-    rows = tensors[0].shape[0]
-    if len(tensors) == 1:
-        return tensors[0].reshape(rows, _row_elems(tensors[0])).contiguous()  # no copy when contiguous
-    width, offsets = _columns(tensors)
-    reused = _packed_base(tensors, width, offsets)
-    if reused is not None:
-        return reused
-    buf = torch.empty((rows, width), dtype=torch.uint8, device=tensors[0].device)
-    for t, view in zip(tensors, _views(buf, tensors, width, offsets)):
-        view.copy_(t)
-    if width > offsets[-1] + _row_elems(tensors[-1]) * tensors[-1].element_size():
-        buf[:, offsets[-1] + _row_elems(tensors[-1]) * tensors[-1].element_size():] = 0  # alignment bytes
-    return buf
-
-
-def _views(buf: torch.Tensor, like: list[torch.Tensor], width: int, offsets: list[int]) -> list[torch.Tensor]:
-    rows = buf.shape[0]
-    out = []
-    for t, off in zip(like, offsets):
-        nbytes = _row_elems(t) * t.element_size()
-        out.append(buf[:, off:off + nbytes].view(t.dtype).view(rows, *t.shape[1:]))
-    return out
-
-
-def _unpack(buf: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Inverse of _pack for a buffer with any row count: views into `buf`, no copy."""
-    if len(like) == 1:
-        return [buf.view(buf.shape[0], *like[0].shape[1:])]
-    width, offsets = _columns(like)
-    return _views(buf, like, width, offsets)
+def _row_bytes(t: torch.Tensor) -> int:
+    return math.prod(t.shape[1:]) * t.element_size()
 
 
 def _check_rows(tensors: list[torch.Tensor]) -> int:
@@ -171,8 +91,8 @@ def exchange_rows(tensors: list[torch.Tensor], send_splits: list[int], recv_spli
                   counter: CommCounter | None = None, kind: str = "all_to_all_v") -> list[torch.Tensor]:
     """Send rows send_splits[i] (in order) to group rank i; receive recv_splits[j] rows from rank j.
 
-    All `tensors` share their row count and move in ONE collective. Returns views into the receive
-    buffer.
+    All `tensors` share their row count; each moves in its own collective, all issued before any is
+    waited on. Returns one fresh contiguous receive buffer per tensor.
     """
     size = dist.get_world_size(group)
     _check_sizes("send splits", send_splits, size)
@@ -184,13 +104,17 @@ def exchange_rows(tensors: list[torch.Tensor], send_splits: list[int], recv_spli
         if recv_splits != send_splits:
             raise ValueError(f"a group of one rank receives what it sends: splits {send_splits} vs {recv_splits}")
         return list(tensors)
-    send = _pack(tensors)
-    recv = send.new_empty((sum(recv_splits), *send.shape[1:]))
-    dist.all_to_all_single(recv, send, list(recv_splits), list(send_splits), group=group)
+    sends = [t.contiguous() for t in tensors]  # no copy when contiguous (the usual case)
+    recvs = [t.new_empty((sum(recv_splits), *t.shape[1:])) for t in sends]
+    works = [dist.all_to_all_single(recv, send, list(recv_splits), list(send_splits), group=group, async_op=True)
+             for recv, send in zip(recvs, sends)]
+    for work in works:
+        work.wait()
     if counter is not None:
         me = dist.get_rank(group)
-        counter.record(kind, (rows - send_splits[me]) * send[:1].numel() * send.element_size())
-    return _unpack(recv, tensors)
+        for send in sends:
+            counter.record(kind, (rows - send_splits[me]) * _row_bytes(send))
+    return recvs
 
 
 def all_gather_rows(tensors: list[torch.Tensor], sizes: list[int], group, counter: CommCounter | None = None,
@@ -204,34 +128,44 @@ def all_gather_rows(tensors: list[torch.Tensor], sizes: list[int], group, counte
         raise ValueError(f"group rank {me} holds {rows} rows but sizes {sizes} say {sizes[me]}")
     if size == 1:
         return list(tensors)
-    send = _pack(tensors)
+    sends = [t.contiguous() for t in tensors]
     if all(s == rows for s in sizes):  # even: the native all-gather (no replicated send buffer)
-        recv = send.new_empty((rows * size, *send.shape[1:]))
-        dist.all_gather_into_tensor(recv, send, group=group)
-        if counter is not None:
-            counter.record(kind, (size - 1) * send.numel() * send.element_size())
-        return _unpack(recv, tensors)
-    # Uneven: gloo has no all-gather-v. Point-to-point: the one send buffer goes to every peer (an
-    # all-to-all would need it repeated once per rank, a group-size-fold copy), each peer's rows land
-    # in their place of the receive buffer.
-    recv = send.new_empty((sum(sizes), *send.shape[1:]))
-    blocks = recv.split(list(sizes))
-    blocks[me].copy_(send)
-    ops = []
-    for peer in range(size):
-        if peer == me:
-            continue
-        peer_rank = dist.get_global_rank(group, peer)
-        if rows:
-            ops.append(dist.P2POp(dist.isend, send, peer_rank, group))
-        if sizes[peer]:
-            ops.append(dist.P2POp(dist.irecv, blocks[peer], peer_rank, group))
+        recvs = [t.new_empty((rows * size, *t.shape[1:])) for t in sends]
+        works = [dist.all_gather_into_tensor(recv, send, group=group, async_op=True) for recv, send in zip(recvs, sends)]
+        for work in works:
+            work.wait()
+    else:
+        recvs = _all_gather_point_to_point(sends, sizes, group)
+    if counter is not None:
+        for send in sends:
+            counter.record(kind, (size - 1) * rows * _row_bytes(send))
+    return recvs
+
+
+def _all_gather_point_to_point(sends: list[torch.Tensor], sizes: list[int], group) -> list[torch.Tensor]:
+    """Uneven all-gather. Gloo has no all-gather-v, so: point-to-point, each send buffer goes to every
+    peer (an all-to-all would need it repeated once per rank, a group-size-fold copy) and each peer's
+    rows land in their place of the receive buffer; one batch for all tensors (matched per peer in
+    issue order on both sides)."""
+    me, size = dist.get_rank(group), dist.get_world_size(group)
+    recvs, ops = [], []
+    for send in sends:
+        recv = send.new_empty((sum(sizes), *send.shape[1:]))
+        blocks = recv.split(list(sizes))
+        blocks[me].copy_(send)
+        recvs.append(recv)
+        for peer in range(size):
+            if peer == me:
+                continue
+            peer_rank = dist.get_global_rank(group, peer)
+            if sizes[me]:
+                ops.append(dist.P2POp(dist.isend, send, peer_rank, group))
+            if sizes[peer]:
+                ops.append(dist.P2POp(dist.irecv, blocks[peer], peer_rank, group))
     if ops:
         for work in dist.batch_isend_irecv(ops):
             work.wait()
-    if counter is not None:
-        counter.record(kind, (size - 1) * rows * send[:1].numel() * send.element_size())
-    return _unpack(recv, tensors)
+    return recvs
 
 
 def reduce_scatter_rows(tensors: list[torch.Tensor], sizes: list[int], group, counter: CommCounter | None = None,

@@ -4,15 +4,16 @@ Dispatch: permute local tokens by expert -> all-to-all-v over EP -> all-gather-v
 by local expert. Combine is the exact reverse, with a reduce-scatter-v over ETP (each ETP rank holds
 a partial sum of the row-parallel fc2 output). As in Megatron-Core 0.19, the experts apply the routing
 probabilities themselves (SequentialMLP/MLP scale the activation by `permuted_probs`), so the combine
-only sums each token's expert outputs. The probabilities travel inside the hidden-state collectives
-(rows packed as bytes, see comm.py): they cost no collective of their own.
+only sums each token's expert outputs. The probabilities travel beside the hidden states, each in
+its own collective (issued together, waited on together: see comm.py for why not packed).
 
 Collectives per forward and per backward, with EP = P and ETP = T (a group of one rank is skipped
 and costs nothing), as counted in `comm_counter` under these kinds:
-  dropless / dropping, forward (5): all_to_all_counts (ETP x EP), all_to_all_v (EP, dispatch),
-      all_gather_v (ETP), reduce_scatter_v (ETP, combine), all_to_all_v (EP, combine)
-  drop-and-pad, forward (4): the same without all_to_all_counts
-  backward, every mode (4): all_to_all_v.backward x2, all_gather_v.backward, reduce_scatter_v.backward
+  dropless / dropping, forward (7): all_to_all_counts (ETP x EP), all_to_all_v x2 (EP, dispatch:
+      hidden states and probabilities), all_gather_v x2 (ETP, the same two), reduce_scatter_v (ETP,
+      combine), all_to_all_v (EP, combine)
+  drop-and-pad, forward (6): the same without all_to_all_counts
+  backward, every mode (6): all_to_all_v.backward x3, all_gather_v.backward x2, reduce_scatter_v.backward
 The count exchange is the only host synchronisation (split sizes must be known on the host before an
 uneven all-to-all): each rank sends every rank of its ETP x EP group the counts for that rank's
 experts (L integers, plus the most and the fewest experts one of its tokens is routed to, so that a
@@ -30,6 +31,10 @@ inverse are TE's fused kernels (fused.py, the GPU boundary); the rows and their 
 and the collectives stay ours. With moe_shared_expert_overlap, the layer hands its shared expert to
 `set_shared_experts` and the dispatcher calls Megatron's overlapped stages around its all-to-alls, as
 Megatron's alltoall dispatcher does (side stream on CUDA, in line elsewhere).
+
+Received rows come grouped [ETP peer][EP source][local expert]; the experts want them per local
+expert. The chunk sort is one device-side gather whose index is built on the device from the exchanged
+counts (TE's moe_sort_chunks_by_index where the fused permutation runs), not a loop over T*P*L chunks.
 
 Summation is deterministic everywhere (no atomic accumulation into a kept value): a token's expert outputs are placed in a
 [tokens, topk] grid and summed in expert order, and the input gradient of the permutation is summed
@@ -96,6 +101,65 @@ def _scatter(rows: torch.Tensor, dest: torch.Tensor, num_tokens: int, k: int) ->
     grid.index_copy_(0, dest, rows.contiguous())
     acc = torch.float32 if rows.dtype in (torch.bfloat16, torch.float16) else rows.dtype
     return grid[:-1].view(num_tokens, k, *rows.shape[1:]).sum(dim=1, dtype=acc).to(rows.dtype)
+
+
+class _SortRows(torch.autograd.Function):
+    """rows[index] for several row-aligned tensors; the backward gathers with the inverse permutation
+    (a gather again: no index_add, whose CUDA kernel accumulates with atomics)."""
+
+    @staticmethod
+    def forward(ctx, index: torch.Tensor, inverse: torch.Tensor, *tensors: torch.Tensor):
+        ctx.save_for_backward(inverse, index)
+        return tuple(t.index_select(0, index) for t in tensors)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        inverse, _ = ctx.saved_tensors
+        return (None, None, *(g.index_select(0, inverse) for g in grads))
+
+
+def _chunk_gather_index(sizes: torch.Tensor, order: torch.Tensor, rows: int) -> torch.Tensor:
+    """[rows] index that lays chunks out in `order` (output chunk j is input chunk order[j]), built on
+    the device from the chunk sizes; `rows` (their sum, known on the host) sizes it without a sync."""
+    starts = sizes.cumsum(0) - sizes  # where each input chunk begins
+    out_sizes = sizes.index_select(0, order)
+    out_starts = out_sizes.cumsum(0) - out_sizes
+    chunk = torch.repeat_interleave(torch.arange(order.numel(), device=sizes.device), out_sizes, output_size=rows)
+    within = torch.arange(rows, device=sizes.device) - out_starts.index_select(0, chunk)
+    return starts.index_select(0, order).index_select(0, chunk) + within
+
+
+class _ChunkSort:
+    """The dispatcher's chunk sort: received rows [t][s][l] <-> expert order [l][t][s] (dropless and
+    dropping; drop-and-pad blocks have one static size and are sorted by a transpose instead).
+
+    One device-side gather per direction, its index built on the device from the exchanged counts, as
+    Megatron's sort_chunks_by_idxs does it with TE (moe_sort_chunks_by_index, used here too when the
+    fused permutation runs); Megatron's unfused version splits and concatenates T*P*L chunks in Python.
+    """
+
+    def __init__(self, counts: torch.Tensor, rows: int, fused_sort: bool):
+        T, P, L = counts.shape
+        device = counts.device
+        self.arrived_sizes = counts.reshape(-1)  # chunk (t, s, l) at (t*P + s)*L + l
+        self.expert_sizes = counts.reshape(T * P, L).t().reshape(-1)  # chunk (l, t, s) at l*T*P + t*P + s
+        chunks = torch.arange(T * P * L, device=device)
+        self.to_expert_order = chunks.view(T * P, L).t().reshape(-1)
+        self.to_arrival_order = chunks.view(L, T * P).t().reshape(-1)
+        self.fused = fused_sort
+        if not fused_sort:
+            self.index = _chunk_gather_index(self.arrived_sizes, self.to_expert_order, rows)
+            self.inverse = _chunk_gather_index(self.expert_sizes, self.to_arrival_order, rows)
+
+    def to_experts(self, hidden: torch.Tensor, probs: torch.Tensor):
+        if self.fused:
+            return fused.sort_chunks(hidden, self.arrived_sizes, self.to_expert_order, probs)
+        return _SortRows.apply(self.index, self.inverse, hidden, probs)
+
+    def from_experts(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            return fused.sort_chunks(hidden, self.expert_sizes, self.to_arrival_order)[0]
+        return _SortRows.apply(self.inverse, self.index, hidden)[0]
 
 
 class FlexFoldDispatcher(MoETokenDispatcher):
@@ -251,6 +315,7 @@ class FlexFoldDispatcher(MoETokenDispatcher):
         else:
             widest = torch.full((2,), -self.topk, dtype=counts.dtype, device=counts.device)
         received, group_widest = self._exchange_counts(counts, widest)  # [T, P, L], [2]
+        self._received_counts = received  # on the device: the chunk sort's sizes, no host copy needed
         self._pending_counts = torch.cat([counts, received.reshape(-1), widest, group_widest])
 
     def _read_splits(self) -> list[int]:
@@ -348,17 +413,15 @@ class FlexFoldDispatcher(MoETokenDispatcher):
         P, T, L = self.ep_size, self.tp_size, self.num_local_experts
         per_expert = [sum(self._blocks[t][s][l] for t in range(T) for s in range(P)) for l in range(L)]
         tokens_per_expert = torch.tensor(per_expert, dtype=torch.long)
-        if L == 1:
-            hidden, probs = hidden.contiguous(), probs.contiguous()
-        elif self.pad:
-            C = self._blocks[0][0][0]
-            hidden = hidden.view(T * P, L, C, *hidden.shape[1:]).transpose(0, 1).reshape(hidden.shape)
-            probs = probs.view(T * P, L, C).transpose(0, 1).reshape(-1)
-        else:
-            sizes = [self._blocks[t][s][l] for t in range(T) for s in range(P) for l in range(L)]
-            order = [(t * P + s) * L + l for l in range(L) for t in range(T) for s in range(P)]
-            hidden, probs = (torch.cat([chunks[i] for i in order]) for chunks in
-                             (hidden.split(sizes), probs.split(sizes)))
+        self._chunk_sort = None
+        if L > 1 and T * P > 1:  # otherwise the rows already are in [l][t][s] order
+            if self.pad:
+                C = self._blocks[0][0][0]
+                hidden = hidden.view(T * P, L, C, *hidden.shape[1:]).transpose(0, 1).reshape(hidden.shape)
+                probs = probs.view(T * P, L, C).transpose(0, 1).reshape(-1)
+            else:
+                self._chunk_sort = _ChunkSort(self._received_counts, hidden.shape[0], self._use_fused_sort(hidden))
+                hidden, probs = self._chunk_sort.to_experts(hidden, probs)
         if self.pad:  # real rows only: padding carries probability -0.0
             real = ~((probs == 0) & torch.signbit(probs))
             self.last_tokens_per_local_expert = real.view(L, -1).sum(dim=1)
@@ -366,18 +429,21 @@ class FlexFoldDispatcher(MoETokenDispatcher):
             self.last_tokens_per_local_expert = tokens_per_expert.clone()
         return hidden, tokens_per_expert, probs
 
+    def _use_fused_sort(self, hidden: torch.Tensor) -> bool:
+        """TE's moe_sort_chunks_by_index where the fused permutation runs (Megatron's alltoall dispatcher
+        couples the two the same way: moe_permute_fusion sorts its chunks with TE too)."""
+        return fused.permute_fusion(self.config, hidden, padded=False)
+
     # ---- combine ------------------------------------------------------------------------------------
     def combine_preprocess(self, hidden: torch.Tensor):
         """[local expert l][t][s] -> [t][s][l], the order the reduce-scatter and all-to-all expect."""
         P, T, L = self.ep_size, self.tp_size, self.num_local_experts
-        if L == 1:
+        if L == 1 or T * P == 1:
             return hidden
         if self.pad:
             C = self._blocks[0][0][0]
             return hidden.view(L, T * P, C, *hidden.shape[1:]).transpose(0, 1).reshape(hidden.shape)
-        sizes = [self._blocks[t][s][l] for l in range(L) for t in range(T) for s in range(P)]
-        chunks = hidden.split(sizes)
-        return torch.cat([chunks[(l * T + t) * P + s] for t in range(T) for s in range(P) for l in range(L)])
+        return self._chunk_sort.from_experts(hidden)
 
     def token_combine(self, hidden: torch.Tensor):
         hidden = reduce_scatter_v(hidden, self._etp_sizes, self.tp_group, self.comm_counter)

@@ -9,7 +9,8 @@ is the one place that answers Megatron's CUDA calls on a CPU machine.
   kernels Megatron's TopKRouter uses).
 - moe_permute_fusion: Megatron's moe_utils.permute / unpermute with fused=True, i.e. TE's
   moe_permute_with_probs and moe_unpermute (the kernels Megatron's alltoall dispatcher uses) for the
-  local permutation before and after FlexFoldDispatcher's collectives, which stay ours.
+  local permutation before and after FlexFoldDispatcher's collectives, which stay ours; and
+  moe_utils.sort_chunks_by_idxs with fused=True (TE's moe_sort_chunks_by_index) for its chunk sort.
 - moe_shared_expert_overlap: Megatron's SharedExpertMLP runs its overlapped stages on its own side
   stream; it can create one where CUDA is available (or in CPU mode, whose streams are synchronous).
 
@@ -28,7 +29,8 @@ import warnings
 
 import torch
 
-__all__ = ["router_fusion", "permute_fusion", "fused_permute_can_run", "fused_permute", "fused_unpermute", "side_streams_available",
+__all__ = ["router_fusion", "permute_fusion", "fused_permute_can_run", "fused_permute", "fused_unpermute", "sort_chunks",
+           "side_streams_available",
            "fusion_unavailable_reason"]
 
 _warned: set[str] = set()
@@ -54,7 +56,8 @@ def _have_router_kernels() -> bool:
 
 def _have_permute_kernels() -> bool:
     u = _moe_utils()
-    return None not in (u.fused_permute_with_probs, u.fused_unpermute)
+    return None not in (u.fused_permute_with_probs, u.fused_unpermute, u.fused_sort_chunks_by_index,
+                        u.fused_sort_chunks_by_index_with_probs)
 
 
 def te_version():
@@ -176,6 +179,13 @@ def fused_unpermute(rows: torch.Tensor, row_id_map: torch.Tensor, routing_map: t
     """Rows [M, H] -> [N, H], each token's rows summed (the experts already applied the probabilities)."""
     return _moe_utils().unpermute(rows, row_id_map, restore_shape=torch.Size((num_tokens, rows.shape[-1])),
                                   routing_map=routing_map, fused=True)
+
+
+def sort_chunks(rows: torch.Tensor, split_sizes: torch.Tensor, order: torch.Tensor, probs: torch.Tensor | None = None):
+    """Rows [M, H] (and probs [M]) cut into chunks of `split_sizes` (a device tensor) and laid out in
+    `order`: Megatron's moe_utils.sort_chunks_by_idxs with fused=True, i.e. TE's moe_sort_chunks_by_index
+    (with_probs), as Megatron's alltoall dispatcher calls it. Returns (rows, probs or None)."""
+    return _moe_utils().sort_chunks_by_idxs(rows, split_sizes, order, probs=probs, fused=True)
 
 
 def gating_gemm_can_run(inp: torch.Tensor) -> bool:

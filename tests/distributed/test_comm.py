@@ -1,12 +1,12 @@
 """Uneven collectives against closed-form expectations: forward, backward, zero-size blocks, size-1
-groups, counters, bad input; and the byte packing they share (single process)."""
+groups, counters, bad input; tensors sent as they are (no staging copy) and received contiguous."""
 
 import pytest
 import torch
 import torch.distributed as dist
 
 from megatron_fold import FoldedLayout, parallel_state
-from megatron_fold.moe.comm import CommCounter, _pack, _unpack, all_gather_v, all_to_all_v, reduce_scatter_v
+from megatron_fold.moe.comm import CommCounter, all_gather_v, all_to_all_v, reduce_scatter_v
 from megatron_fold.testing.multirank import run_on_ranks
 
 W = 8
@@ -38,13 +38,13 @@ def _catch(fn):
 def _collectives(rank, world_size):
     world = dist.group.WORLD
     out = {}
-    # all_to_all_v of two dtypes in one collective.
+    # all_to_all_v of two dtypes, one collective each.
     send, recv = _a2a_splits(rank)
     x = _rows(rank, sum(send)).requires_grad_(True)
     p = torch.arange(sum(send), dtype=torch.float64).requires_grad_(True)
     counter = CommCounter()
     y, q = all_to_all_v([x, p], send, recv, world, counter)
-    ((y * (rank + 1)).sum() + (q * q).sum()).backward()  # one backward collective for both gradients
+    ((y * (rank + 1)).sum() + (q * q).sum()).backward()  # one backward collective for each gradient
     out["a2a"] = (y.detach(), q.detach(), x.grad, p.grad, dict(counter.calls), dict(counter.bytes_sent))
 
     # all_gather_v, uneven: the a2a fallback; even: the native all-gather. Backward: reduce-scatter.
@@ -54,6 +54,9 @@ def _collectives(rank, world_size):
         y = all_gather_v(x, sizes, world, counter)
         (y * torch.arange(1, y.shape[0] + 1).unsqueeze(1) * (rank + 1)).sum().backward()
         out[name] = (y.detach(), x.grad, dict(counter.calls), dict(counter.bytes_sent))
+    # Two tensors of two dtypes through the uneven (point-to-point) all-gather: one batch of sends.
+    out["ag_pair"] = all_gather_v([_rows(rank, AG_SIZES[rank]), torch.arange(AG_SIZES[rank], dtype=torch.float64) - rank],
+                                  AG_SIZES, world)
 
     # reduce_scatter_v: every rank contributes (rank+1) times a known pattern. Backward: all-gather.
     counter = CommCounter()
@@ -67,13 +70,26 @@ def _collectives(rank, world_size):
     x = torch.full((W, 1), 256.0 if rank == 0 else 1.0, dtype=torch.bfloat16)
     out["rs_bf16"] = reduce_scatter_v(x, [1] * W, world)
 
-    # The output of one collective (views into one packed buffer) feeds the next without repacking;
-    # values must be those of a plain two-step exchange.
+    # The output of one collective feeds the next; values must be those of a plain two-step exchange.
+    # Every tensor handed to torch.distributed is the caller's own memory (no staging copy) or the
+    # previous collective's receive buffer, and every result is contiguous.
     hidden = _rows(rank, 2 * W, width=4, dtype=torch.bfloat16)
     probs = torch.arange(2 * W, dtype=torch.float32) + rank
-    h1, p1 = all_to_all_v([hidden, probs], [2] * W, [2] * W, world)
-    h2, p2 = all_to_all_v([h1, p1], [2] * W, [2] * W, world)
+    sent, real = [], dist.all_to_all_single
+
+    def recording(output, input, *args, **kwargs):
+        sent.append(input.data_ptr())
+        return real(output, input, *args, **kwargs)
+
+    dist.all_to_all_single = recording
+    try:
+        h1, p1 = all_to_all_v([hidden, probs], [2] * W, [2] * W, world)
+        h2, p2 = all_to_all_v([h1, p1], [2] * W, [2] * W, world)
+    finally:
+        dist.all_to_all_single = real
     out["chain"] = (h2, p2)
+    out["chain_no_copy"] = (sent == [t.data_ptr() for t in (hidden, probs, h1, p1)],
+                            all(t.is_contiguous() for t in (h1, p1, h2, p2)))
 
     # Sub-groups (group ranks differ from global ranks) and a group of one rank.
     pgs = parallel_state.initialize_model_parallel(FoldedLayout(W, ep=4, etp=2))
@@ -123,10 +139,18 @@ def test_all_to_all_v_forward_backward_and_counter(results):
         # d/dx of (rank'+1) * y on the receiving rank: a row sent to rank j gets gradient j+1.
         assert torch.equal(gx, torch.cat([torch.full((n, 3), float(j + 1)) for j, n in enumerate(send)]))
         assert torch.equal(gp, 2 * torch.arange(sum(send), dtype=torch.float64))
-        # A row is 12 bytes of fp32 + 8 of fp64, aligned to 8 so both can be viewed in place: 24 bytes.
-        assert calls == {"all_to_all_v": 1, "all_to_all_v.backward": 1}
-        assert sent == {"all_to_all_v": (sum(send) - send[rank]) * 24,
-                        "all_to_all_v.backward": (sum(recv) - recv[rank]) * 24}
+        # One collective per tensor: a row is 12 bytes of fp32 plus 8 of fp64, nothing added.
+        assert calls == {"all_to_all_v": 2, "all_to_all_v.backward": 2}
+        assert sent == {"all_to_all_v": (sum(send) - send[rank]) * 20,
+                        "all_to_all_v.backward": (sum(recv) - recv[rank]) * 20}
+
+
+def test_all_gather_v_of_two_dtypes(results):
+    expected_rows = torch.cat([_rows(r, AG_SIZES[r]) for r in range(W)])
+    expected_probs = torch.cat([torch.arange(AG_SIZES[r], dtype=torch.float64) - r for r in range(W)])
+    for out in results:
+        rows, probs = out["ag_pair"]
+        assert torch.equal(rows, expected_rows) and torch.equal(probs, expected_probs)
 
 
 @pytest.mark.parametrize("name", ["ag", "ag_even"])
@@ -167,6 +191,7 @@ def test_chained_collectives_and_subgroups(results):
         h2, p2 = out["chain"]
         assert torch.equal(h2, _rows(rank, 2 * W, width=4, dtype=torch.bfloat16))
         assert torch.equal(p2, torch.arange(2 * W, dtype=torch.float32) + rank)
+        assert out["chain_no_copy"] == (True, True)
 
         ep = layout.group_of("ep", rank)
         me = ep.index(rank)
@@ -184,26 +209,3 @@ def test_bad_input_names_the_problem(results):
     assert "holds 6 rows but sizes" in msgs[3]
     assert "6 rows but sizes [1, 1, 1, 1, 1, 1, 1, 1] sum to 8" in msgs[4]
     assert "share rows" in msgs[5]
-
-
-def test_packing_is_zero_copy_and_reuses_packed_buffers():
-    hidden = torch.randn(5, 3, dtype=torch.bfloat16)
-    probs = torch.rand(5)
-    buf = _pack([hidden, probs])
-    # bf16 [3] = 6 bytes, fp32 aligned to offset 8, row width 12.
-    assert buf.shape == (5, 12) and buf.dtype == torch.uint8
-    h, p = _unpack(buf, [hidden, probs])
-    assert torch.equal(h, hidden) and torch.equal(p, probs)
-    assert h.data_ptr() == buf.data_ptr() and p.data_ptr() == buf.data_ptr() + 8  # views, no copy
-    assert _pack([h, p]).data_ptr() == buf.data_ptr()  # already packed: sent as is
-    assert _pack([h[2:], p[2:]]).data_ptr() == buf[2:].data_ptr()  # a row range of it as well
-    assert torch.equal(_pack([h[2:], p[2:]]), buf[2:])
-    # Another column order, or rows of different buffers, are packed afresh (same bytes as a copy).
-    again = _pack([p, h])
-    assert again.data_ptr() != buf.data_ptr()
-    p2, h2 = _unpack(again, [p, h])
-    assert torch.equal(p2, probs) and torch.equal(h2, hidden)
-    single = torch.randn(4, 2, 3)
-    assert _pack([single]).data_ptr() == single.data_ptr()  # one contiguous tensor: no copy
-    empty = _pack([hidden[:0], probs[:0]])
-    assert empty.shape == (0, 12) and [t.shape for t in _unpack(empty, [hidden, probs])] == [(0, 3), (0,)]

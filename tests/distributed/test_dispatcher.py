@@ -217,11 +217,12 @@ def _reference(x, routing_map, probs, w):
 def _expected_traffic(layout, maps, rank, E, padded):
     """Per-kind calls and bytes of forward + backward on `rank`, from every rank's routing map.
 
-    Dispatch rows carry H fp32 values + one fp32 probability; combine rows H fp32 values.
+    Dispatch moves rows of H fp32 values and, in a collective of its own, one fp32 probability per
+    row; combine moves rows of H fp32 values.
     """
     P, T = layout.ep, layout.etp
     L = E // P
-    dispatch_row, combine_row = 4 * H + 4, 4 * H
+    hidden_row, prob_row = 4 * H, 4
     ep, etp = layout.group_of("ep", rank), layout.group_of("etp", rank)
     p_me, t_me = ep.index(rank), etp.index(rank)
 
@@ -245,15 +246,17 @@ def _expected_traffic(layout, maps, rank, E, padded):
     if padded is None and P * T > 1:
         add("all_to_all_counts", (P * T - 1) * (L + 2) * 8)  # L counts + the widest and narrowest token, int64
     if P > 1:
-        add("all_to_all_v", (sum(send) - send[p_me]) * dispatch_row)  # dispatch
-        add("all_to_all_v", (sum(recv) - recv[p_me]) * combine_row)  # combine
-        add("all_to_all_v.backward", (sum(send) - send[p_me]) * combine_row)
-        add("all_to_all_v.backward", (sum(recv) - recv[p_me]) * dispatch_row)
+        for row in (hidden_row, prob_row):  # dispatch, and the backward of the dispatch
+            add("all_to_all_v", (sum(send) - send[p_me]) * row)
+            add("all_to_all_v.backward", (sum(recv) - recv[p_me]) * row)
+        add("all_to_all_v", (sum(recv) - recv[p_me]) * hidden_row)  # combine
+        add("all_to_all_v.backward", (sum(send) - send[p_me]) * hidden_row)
     if T > 1:
-        add("all_gather_v", (T - 1) * own * dispatch_row)
-        add("all_gather_v.backward", (sum(etp_sizes) - own) * dispatch_row)
-        add("reduce_scatter_v", (sum(etp_sizes) - own) * combine_row)
-        add("reduce_scatter_v.backward", (T - 1) * own * combine_row)
+        for row in (hidden_row, prob_row):
+            add("all_gather_v", (T - 1) * own * row)
+            add("all_gather_v.backward", (sum(etp_sizes) - own) * row)
+        add("reduce_scatter_v", (sum(etp_sizes) - own) * hidden_row)
+        add("reduce_scatter_v.backward", (T - 1) * own * hidden_row)
     return calls, sent
 
 
