@@ -228,8 +228,8 @@ def _as_list(tensors) -> tuple[bool, list[torch.Tensor]]:
 
 
 def all_to_all_v(tensors, send_splits: list[int], recv_splits: list[int], group, counter: CommCounter | None = None):
-    """Autograd-aware uneven all-to-all of a [N, ...] tensor, or of a list of row-aligned tensors in
-    ONE collective. A group of one rank returns the input unchanged and communicates nothing."""
+    """Autograd-aware uneven all-to-all of a [N, ...] tensor, or of a list of row-aligned tensors (one
+    collective each, issued together). A group of one rank returns the input unchanged and communicates nothing."""
     single, tensors = _as_list(tensors)
     if dist.get_world_size(group) == 1:
         exchange_rows(tensors, list(send_splits), list(recv_splits), group)  # validates only

@@ -117,3 +117,17 @@ def test_counter_counts_known_syncs_and_ignores_host_tensors():
         torch.zeros(3, device=x.device).tolist()                 # a device tensor read
     assert [p.kind for p in counter.points] == ["item", "bool", "nonzero", "boolean_index",
                                                "blocking_copy_to_host", "tolist"]
+
+
+def test_finite_check_is_off_by_default_at_every_entry_point():
+    """The budget above holds for the defaults a user gets, whichever way the layer is built: the finite
+    check (an all-reduce read by the host, per layer and micro-batch) is on only when asked for."""
+    import inspect
+
+    from megatron_fold import models, specs
+    from megatron_fold.moe.layer import FoldMoELayer
+    from megatron_fold.moe.router import FoldRouter
+
+    for entry in (FoldRouter.__init__, FoldMoELayer.__init__, specs.get_fold_moe_module_spec,
+                  specs.get_fold_moe_module_spec_for_backend, specs.install, models.build_model):
+        assert inspect.signature(entry).parameters["check_finite"].default is False, entry.__qualname__
