@@ -24,7 +24,7 @@ demo: $(STAMP)
 		--out demo-output
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 clean:
 	rm -rf $(VENV) build *.egg-info
