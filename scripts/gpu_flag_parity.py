@@ -4,7 +4,8 @@
 Needs one CUDA GPU and Transformer Engine; refuses to run otherwise (nothing here is exercised by the
 CPU test tier). Two parts, on one rank (nccl world of 1), bf16:
 
-1. Parity: FoldMoELayer with moe_router_fusion / moe_permute_fusion / both, against the same layer
+1. Parity: the dispatcher's chunk sort with TE (moe_sort_chunks_by_index) against its portable gather;
+   FoldMoELayer with moe_router_fusion / moe_permute_fusion / both, against the same layer
    with the flags off (the portable torch path), same weights and inputs: output, input gradient and
    every parameter gradient must agree within bf16 tolerance, and the fused path must really have run
    (no fallback warning, the dispatcher's fused flag set). Also moe_shared_expert_overlap on vs off
@@ -16,7 +17,9 @@ CPU test tier). Two parts, on one rank (nccl world of 1), bf16:
    SwiGLU, gated shared expert of FFN 20480, with and without --moe-shared-expert-overlap) layers.
    Prints ratios ours / Megatron; never asserts on time.
 
-    python scripts/gpu_flag_parity.py [--tokens 4096] [--iters 10] [--skip-timing]
+    python scripts/gpu_flag_parity.py [--tokens 4096] [--iters 10] [--skip-timing] [--dry-run]
+
+--dry-run builds every configuration the run uses and checks it as FoldMoELayer does (on any machine).
 
 Sized for an H100/H200 (about 20 GB for the Qwen2-shaped layer with its gradients) in under 5 minutes.
 """
@@ -34,13 +37,14 @@ import torch
 import torch.distributed as dist
 
 
-def _require_gpu_and_te() -> None:
+def _missing_gpu_or_te() -> str | None:
     if not torch.cuda.is_available():
-        sys.exit("gpu_flag_parity.py needs a CUDA GPU (the CPU test tier covers the portable paths)")
+        return "gpu_flag_parity.py needs a CUDA GPU (the CPU test tier covers the portable paths; --dry-run checks the plan)"
     try:
         import transformer_engine  # noqa: F401
     except ImportError:
-        sys.exit("gpu_flag_parity.py needs Transformer Engine (its fused kernels are what is checked)")
+        return "gpu_flag_parity.py needs Transformer Engine (its fused kernels are what is checked)"
+    return None
 
 
 SHAPES = {
@@ -48,6 +52,51 @@ SHAPES = {
     "qwen2-57b-a14b": dict(hidden_size=3584, num_moe_experts=64, moe_ffn_hidden_size=2560, moe_router_topk=8,
                            moe_shared_expert_intermediate_size=20480, moe_shared_expert_gate=True),
 }
+
+
+PARITY_SHAPE = dict(hidden_size=1024, num_moe_experts=16, moe_ffn_hidden_size=2048, moe_router_topk=2,
+                    moe_shared_expert_intermediate_size=2048, moe_shared_expert_gate=True)
+PARITY_SCOPES = (("subsequence", None), ("sequence", 1.0))  # (drop scope, capacity factor)
+PARITY_FLAGS = (("router", dict(moe_router_fusion=True)), ("permute", dict(moe_permute_fusion=True)),
+                ("router+permute", dict(moe_router_fusion=True, moe_permute_fusion=True)),
+                ("shared-overlap", dict(moe_shared_expert_overlap=True)))
+TIMING_FUSION = dict(moe_permute_fusion=True, moe_router_fusion=True, moe_grouped_gemm=True)
+TIMING_RUNS = (("mixtral-8x7b", {}), ("qwen2-57b-a14b", {}), ("qwen2-57b-a14b", dict(moe_shared_expert_overlap=True)))
+
+
+def _checked_config(shape: dict, scope: str, **flags) -> None:
+    """Build the configuration and check it as FoldMoELayer does. Without Transformer Engine, Megatron's
+    TransformerConfig refuses the fusion flags themselves: they are set after construction there (the
+    TE-only checks then run on the GPU machine, at the real run)."""
+    from megatron_fold.moe.flags import validate_fold_moe_config
+
+    try:
+        import transformer_engine  # noqa: F401
+        config = _config(shape, **flags)
+    except ImportError:
+        te_only = {k: flags.pop(k) for k in ("moe_permute_fusion", "moe_router_fusion", "moe_grouped_gemm") if k in flags}
+        config = _config(shape, **flags)
+        for key, value in te_only.items():
+            setattr(config, key, value)
+    validate_fold_moe_config(config, scope)
+
+
+def dry_run() -> list[str]:
+    """Every configuration the run builds, built and checked as FoldMoELayer checks it (Megatron's
+    TransformerConfig, then validate_fold_moe_config and the TE refusals), on any machine. Returns lines."""
+    lines = []
+    for scope, capacity in PARITY_SCOPES:
+        for name, flags in (("portable", {}), *PARITY_FLAGS):
+            _checked_config(PARITY_SHAPE, scope, moe_expert_capacity_factor=capacity, **flags)
+            lines.append(f"parity {scope} {name}: bf16, {PARITY_SHAPE['num_moe_experts']} experts top-"
+                         f"{PARITY_SHAPE['moe_router_topk']}, flags {sorted(flags) or 'none'}")
+    lines.append("parity chunk sort: TE moe_sort_chunks_by_index vs the portable gather (T, P, L) = (1, 8, 2), "
+                 "(2, 4, 4), (2, 2, 8)")
+    for shape_name, extra in TIMING_RUNS:
+        _checked_config(SHAPES[shape_name], "subsequence", **TIMING_FUSION, **extra)
+        lines.append(f"time {shape_name}{' +shared-overlap' if extra else ''}: ours, ours with check_finite, "
+                     f"Megatron alltoall; flags {sorted({**TIMING_FUSION, **extra})}")
+    return lines
 
 
 def _config(shape: dict, **flags):
@@ -101,19 +150,16 @@ def parity(pgs, tokens: int) -> list[str]:
     """Fused vs portable FoldMoELayer on a mid-sized layer; returns the mismatches."""
     from megatron_fold.moe import fused
 
-    shape = dict(hidden_size=1024, num_moe_experts=16, moe_ffn_hidden_size=2048, moe_router_topk=2,
-                 moe_shared_expert_intermediate_size=2048, moe_shared_expert_gate=True)
+    shape = PARITY_SHAPE
     g = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(tokens, 1, shape["hidden_size"], device="cuda", dtype=torch.bfloat16, generator=g)
     w = torch.randn(tokens, 1, shape["hidden_size"], device="cuda", generator=g)
     failures = []
-    for scope, capacity in (("subsequence", None), ("sequence", 1.0)):
+    for scope, capacity in PARITY_SCOPES:
         base = _config(shape, moe_expert_capacity_factor=capacity)
         reference_layer = _fold_layer(base, pgs, drop_scope=scope)
         reference = _fwd_bwd(reference_layer, x, w)
-        for name, flags in (("router", dict(moe_router_fusion=True)), ("permute", dict(moe_permute_fusion=True)),
-                            ("router+permute", dict(moe_router_fusion=True, moe_permute_fusion=True)),
-                            ("shared-overlap", dict(moe_shared_expert_overlap=True))):
+        for name, flags in PARITY_FLAGS:
             before = len(failures)
             config = _config(shape, moe_expert_capacity_factor=capacity, **flags)
             layer = _fold_layer(config, pgs, drop_scope=scope)
@@ -140,6 +186,35 @@ def parity(pgs, tokens: int) -> list[str]:
     return failures
 
 
+def chunk_sort_parity() -> list[str]:
+    """TE's chunk sort (moe_sort_chunks_by_index, as FlexFoldDispatcher calls it through Megatron) against the
+    portable device-side gather, rows, probabilities and gradients both ways. The dispatcher sorts chunks
+    only with EP x ETP > 1 and several local experts, which one GPU cannot run: called directly here."""
+    from megatron_fold.moe.dispatcher import _ChunkSort
+
+    failures = []
+    g = torch.Generator(device="cuda").manual_seed(1)
+    for T, P, L in ((1, 8, 2), (2, 4, 4), (2, 2, 8)):
+        counts = torch.randint(0, 64, (T, P, L), device="cuda", generator=g)
+        counts.view(-1)[::5] = 0  # empty chunks
+        rows = int(counts.sum())
+        hidden = torch.randn(rows, 256, device="cuda", dtype=torch.bfloat16, generator=g)
+        probs = torch.rand(rows, device="cuda", generator=g)
+        results = []
+        for fused_sort in (False, True):
+            h, p = hidden.clone().requires_grad_(True), probs.clone().requires_grad_(True)
+            sort = _ChunkSort(counts, rows, fused_sort)
+            sorted_h, sorted_p = sort.to_experts(h, p)
+            back = sort.from_experts(sorted_h * 2)
+            (back.float().sum() + (sorted_p * torch.arange(rows, device="cuda")).sum()).backward()
+            results.append((sorted_h.detach(), sorted_p.detach(), back.detach(), h.grad, p.grad))
+        for what, a, b in zip(("rows", "probs", "rows back", "rows grad", "probs grad"), results[1], results[0]):
+            if not torch.equal(a, b):  # a permutation: bitwise equal
+                failures.append(f"chunk sort T{T} P{P} L{L} {what}: TE differs from the portable gather")
+        print(f"parity chunk sort T{T} P{P} L{L} ({rows} rows) {'ok' if not failures else 'MISMATCH (below)'}", flush=True)
+    return failures
+
+
 def _seconds(layer, x) -> float:
     torch.cuda.synchronize()
     start = time.perf_counter()
@@ -150,10 +225,8 @@ def _seconds(layer, x) -> float:
 
 
 def timing(pgs, tokens: int, iters: int) -> None:
-    fusion = dict(moe_permute_fusion=True, moe_router_fusion=True, moe_grouped_gemm=True)
-    runs = [("mixtral-8x7b", {}), ("qwen2-57b-a14b", {}), ("qwen2-57b-a14b", dict(moe_shared_expert_overlap=True))]
-    for shape_name, extra in runs:
-        config = _config(SHAPES[shape_name], **fusion, **extra)
+    for shape_name, extra in TIMING_RUNS:
+        config = _config(SHAPES[shape_name], **TIMING_FUSION, **extra)
         upstream = _megatron_layer(config, pgs)
         variants = [("ours", _fold_layer(config, pgs)), ("ours, check_finite on", _fold_layer(config, pgs, check_finite=True))]
         for _, layer in variants:
@@ -183,8 +256,17 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=4096)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--skip-timing", action="store_true")
+    p.add_argument("--dry-run", action="store_true", help="build and check every configuration, print the plan, exit")
     args = p.parse_args()
-    _require_gpu_and_te()
+    if args.dry_run:
+        print("\n".join(dry_run()))
+        missing = _missing_gpu_or_te()
+        print(f"machine: {missing or 'a CUDA GPU with Transformer Engine: ready'}")
+        return
+    missing = _missing_gpu_or_te()
+    if missing:
+        print(f"gpu_flag_parity.py: error: {missing}", file=sys.stderr)
+        sys.exit(2)
     warnings.filterwarnings("ignore", category=UserWarning)
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29541")
@@ -197,7 +279,7 @@ def main() -> None:
     pgs = parallel_state.initialize_model_parallel(FoldedLayout(1))
     tensor_parallel.model_parallel_cuda_manual_seed(1234)
     try:
-        failures = parity(pgs, min(args.tokens, 2048))
+        failures = parity(pgs, min(args.tokens, 2048)) + chunk_sort_parity()
         for f in failures:
             print("MISMATCH", f)
         if not args.skip_timing:
