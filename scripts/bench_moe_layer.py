@@ -1,22 +1,36 @@
 #!/usr/bin/env python
-"""Benchmark: FoldMoELayer vs Megatron-Core's alltoall MoELayer, side by side in one run.
+"""Benchmark: FoldMoELayer vs Megatron-Core's alltoall MoELayer (and, with --baseline-rev, vs FoldMoELayer
+at another git revision), side by side in one run.
 
 Forward + backward of a Mixtral-like layer (8 experts, top-2) and a Qwen2-MoE-like layer (64 experts,
-top-8, shared expert), scaled down to fit 8 CPU gloo ranks, under the same folded layouts and weights.
-Prints per layout: time ratio ours / upstream, collectives per layer for each (counted by wrapping
-torch.distributed, so both sides are counted the same way), hidden-state bytes sent in the forward
-pass against the minimum the routing requires, and the extra time of sequence-scope dropping over
-subsequence-scope dropping. With a GPU, it also times one rank on it in bf16.
+top-8, shared expert), scaled down, under the same folded layouts and weights on 8 ranks. Per layout,
+model and side, per layer (forward + backward):
+- time: median over --iters, every side timed in alternation (A B C A B C ...) so that machine noise
+  and drift hit all alike; the ratio is to Megatron's;
+- syncs: host-device synchronisations a GPU would make (testing.host_sync; on CUDA also the warnings of
+  torch.cuda.set_sync_debug_mode);
+- colls, KB sent: torch.distributed calls and the bytes this rank puts on the wire (all collectives);
+- kernels, copies, KB copied: ATen ops that launch a kernel, those of them that only move values, and
+  the bytes those write (testing.op_counter);
+and per layout and model: forward hidden-state bytes against the minimum the routing needs, the cost of
+ours' NaN check (off by default) in collectives, and the extra time of sequence-scope dropping.
 
-    .venv/bin/python scripts/bench_moe_layer.py [--iters 20] [--seq 64] [--hidden 64]
+    .venv/bin/python scripts/bench_moe_layer.py [--iters 20] [--seq 64] [--hidden 64] [--baseline-rev REV]
+        [--layouts tp2,ep4,etp1 ep8 tp2,ep2,etp2] [--models mixtral-like qwen2-moe-like] [--bf16]
+        [--device cpu|cuda] [--dry-run]
 
-Timings on 8 ranks sharing 2 cores are dominated by scheduling noise; read ratios, not milliseconds.
+--device cpu (the default without CUDA): 8 gloo ranks in CPU mode; ranks sharing a few cores make
+timings noisy: read ratios, not milliseconds. --device cuda (the default with CUDA): 8 nccl ranks, one
+GPU each, so the all-to-alls cross GPUs; refused with fewer than 8 GPUs. --bf16: bf16 parameters and
+activations, fp32 router (what a GPU run uses). --baseline-rev: the layer of that revision of this
+repository (git archive; e.g. the commit before a change) as a third side, "before". --dry-run checks
+the arguments and the machine, prints the plan and exits.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
+import contextlib
 import statistics
 import time
 import warnings
@@ -28,20 +42,21 @@ import torch.distributed as dist  # noqa: E402
 from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec  # noqa: E402
 
 from megatron_fold import FoldedLayout, cpu, parallel_state  # noqa: E402
+from megatron_fold.plan.command import parse_layout  # noqa: E402
 from megatron_fold.specs import get_fold_moe_module_spec  # noqa: E402
 from megatron_fold.testing import moe_reference as ref  # noqa: E402  (full weights, sharded loading)
+from megatron_fold.testing.baseline import BaselinePackage  # noqa: E402
 from megatron_fold.testing.host_sync import HostSyncCounter  # noqa: E402
-from megatron_fold.testing.multirank import run_on_ranks  # noqa: E402  (fork-based gloo ranks)
+from megatron_fold.testing.multirank import run_on_ranks  # noqa: E402  (fork-based ranks)
+from megatron_fold.testing.op_counter import OpCounter  # noqa: E402
+from megatron_fold.train.job import folded_layout  # noqa: E402
 
+WORLD = 8
 MODELS = {
-    "mixtral-like (8e top-2)": dict(num_moe_experts=8, moe_router_topk=2),
-    "qwen2-moe-like (64e top-8 +shared)": dict(num_moe_experts=64, moe_router_topk=8, shared=True),
+    "mixtral-like": dict(num_moe_experts=8, moe_router_topk=2),  # 8 experts top-2
+    "qwen2-moe-like": dict(num_moe_experts=64, moe_router_topk=8, shared=True),  # 64 top-8 + shared expert
 }
-LAYOUTS = {
-    "TP2 EP4 ETP1": dict(tp=2, ep=4, etp=1),
-    "EP8": dict(ep=8),
-    "TP2 EP2 ETP2": dict(tp=2, ep=2, etp=2),
-}
+LAYOUTS = ["tp2,ep4,etp1", "ep8", "tp2,ep2,etp2"]
 
 _COLLECTIVES = ["all_to_all_single", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor",
                 "reduce_scatter", "all_reduce", "_all_gather_base", "_reduce_scatter_base",
@@ -102,51 +117,110 @@ def _bytes_leaving_rank(name, args, kwargs):
     return 2 * nbytes * (size - 1) // size  # all_reduce on a ring
 
 
-def _build(kind, model, layout, pgs, hidden, extra, drop_scope="subsequence", check_finite=False):
+# ---- the sides: Megatron's layer, ours, ours at the baseline revision -----------------------------------
+
+class Side:
+    """A layer and the import context it runs in (the baseline's modules for "before")."""
+
+    def __init__(self, name, layer, context=contextlib.nullcontext):
+        self.name, self.layer, self.context = name, layer, context
+
+    def __call__(self, x):
+        with self.context():
+            out, _ = self.layer(x.clone().requires_grad_(True))
+            return out
+
+    def step(self, x, counter=None):
+        """Forward + backward; with a HostSyncCounter, its backward so the mode sees autograd's ops."""
+        with self.context():
+            out, _ = self.layer(x.clone().requires_grad_(True))
+            loss = out.float().sum()
+            if counter is not None:
+                counter.backward(loss)
+            else:
+                loss.backward()
+
+
+def _config(model, layout, hidden, precision, **extra):
     cfg = dict(MODELS[model])
     shared = cfg.pop("shared", False)
     config = ref.make_moe_config(layout, hidden_size=hidden, shared_expert=shared,
-                                 moe_token_dispatcher_type="alltoall", **cfg, **extra)
+                                 moe_token_dispatcher_type="alltoall", **cfg, **precision, **extra)
     config.moe_ffn_hidden_size = config.ffn_hidden_size = 2 * hidden
     if shared:
         config.moe_shared_expert_intermediate_size = 2 * hidden
+    return config
+
+
+def _build(spec_fn, config, pgs, device, dtype, context=contextlib.nullcontext, **spec_kwargs):
     # Built under the sync counter's tagging (counting nothing), so that the host tensors a layer makes at
     # construction (Megatron's chunk-sort indices) are known as such when the syncs are counted.
-    with HostSyncCounter(counting=False).watching():
-        if kind == "upstream":
-            layer = get_moe_module_spec(use_te=False, num_experts=config.num_moe_experts)(
-                config=config, pg_collection=pgs)
-        else:
-            layer = get_fold_moe_module_spec(use_te=False, num_experts=config.num_moe_experts, drop_scope=drop_scope,
-                                             check_finite=check_finite)(config=config, pg_collection=pgs)
+    with context(), HostSyncCounter(counting=False).watching():
+        layer = spec_fn(use_te=False, num_experts=config.num_moe_experts, **spec_kwargs)(config=config,
+                                                                                          pg_collection=pgs)
     layer.set_layer_number(1)
     ref.load_full_weights(layer, ref.full_moe_weights(config, seed=0), pgs)
-    return layer
+    return layer.to(device=device, dtype=dtype)
 
 
-def _fwd_bwd_seconds(layer, x):
-    def settle():  # every rank, and the GPU's queue, done with what came before
-        if x.is_cuda:
-            torch.cuda.synchronize()
-        dist.barrier()
-
-    settle()
-    start = time.perf_counter()
-    out, _ = layer(x.clone().requires_grad_(True))
-    out.sum().backward()
-    settle()
-    return time.perf_counter() - start
+def _precision(args):
+    return dict(bf16=True, params_dtype=torch.bfloat16, moe_router_dtype="fp32") if args.bf16 else {}
 
 
-def _time_side_by_side(layer_a, layer_b, x, iters):
-    """Medians of A and B timed in alternation (A B A B ...), so machine noise and drift hit both alike.
+def _sides(model, layout, pgs, args, device, dtype, baseline):
+    config = _config(model, layout, args.hidden, _precision(args))
+    sides = [Side("upstream", _build(get_moe_module_spec, config, pgs, device, dtype))]
+    if baseline is not None:
+        spec = baseline.module("megatron_fold.specs").get_fold_moe_module_spec
+        sides.append(Side("before", _build(spec, config, pgs, device, dtype, baseline.active), baseline.active))
+    sides.append(Side("ours", _build(get_fold_moe_module_spec, config, pgs, device, dtype)))
+    return sides, config
+
+
+def _settle(x):  # every rank, and the GPU's queue, done with what came before
+    if x.is_cuda:
+        torch.cuda.synchronize()
+    dist.barrier()
+
+
+def _time_alternated(sides, x, iters):
+    """Median seconds of each side's forward + backward, the sides timed in turn (A B C A B C ...).
     One untimed round first warms up allocators and caches."""
-    _fwd_bwd_seconds(layer_a, x), _fwd_bwd_seconds(layer_b, x)
-    times_a, times_b = [], []
-    for _ in range(iters):
-        times_a.append(_fwd_bwd_seconds(layer_a, x))
-        times_b.append(_fwd_bwd_seconds(layer_b, x))
-    return statistics.median(times_a), statistics.median(times_b)
+    times = {side.name: [] for side in sides}
+    for round_ in range(iters + 1):
+        for side in sides:
+            _settle(x)
+            start = time.perf_counter()
+            side.step(x)
+            _settle(x)
+            if round_:
+                times[side.name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def _counts(side, x):
+    """Per layer, forward + backward: collectives, bytes sent, kernels, copies, bytes copied, syncs."""
+    with CollectiveCounter() as fwd:
+        with torch.no_grad():
+            side(x)
+    ops = OpCounter()
+    with CollectiveCounter() as total, ops:
+        side.step(x)
+    syncs = HostSyncCounter()
+    with syncs.watching():
+        side.step(x, syncs)
+    row = dict(fwd_bytes=fwd.bytes, calls=total.calls, bytes=total.bytes, kernels=ops.kernels, copies=ops.copies,
+               copy_bytes=ops.copy_bytes, syncs=syncs.count)
+    if x.is_cuda:  # the device's own account of synchronising calls
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                side.step(x)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        row["cuda_syncs"] = sum("synchronizing" in str(w.message) for w in caught)
+    return row
 
 
 def _min_forward_bytes(layer, x, layout, pgs):
@@ -156,7 +230,7 @@ def _min_forward_bytes(layer, x, layout, pgs):
     with torch.no_grad():
         _, routing_map = layer.router(x)
     E, P = routing_map.shape[1], layout.ep
-    owner = torch.arange(E) // (E // P)
+    owner = torch.arange(E, device=routing_map.device) // (E // P)
     me = dist.get_rank(pgs.ep)
     pairs_remote = int(routing_map[:, owner != me].sum())
     pairs = int(routing_map.sum())
@@ -164,110 +238,153 @@ def _min_forward_bytes(layer, x, layout, pgs):
     return 2 * pairs_remote * row + 2 * (layout.etp - 1) * pairs * row
 
 
-def _rank(rank, world_size, layout_kwargs, args):
+def _rank(rank, world_size, layout_kwargs, args, baseline=None):
+    device = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
     layout = FoldedLayout(world_size, **layout_kwargs)
     pgs = parallel_state.initialize_model_parallel(layout)
     try:
         c = layout.rank_coords(rank)
         g = torch.Generator().manual_seed(c["dp"])
         x_full = torch.randn(args.seq, 2, args.hidden, generator=g)
-        x = ref.shard_like_megatron(x_full, pgs.tp.rank(), pgs.tp.size(), pgs.cp)  # Megatron's CP + SP split
+        x = ref.shard_like_megatron(x_full, pgs.tp.rank(), pgs.tp.size(), pgs.cp).to(device=device, dtype=dtype)
         rows = {}
-        for model in MODELS:
-            res, layers = {}, {}
-            for kind in ("upstream", "ours"):
-                layer = layers[kind] = _build(kind, model, layout, pgs, args.hidden, {})
-                with CollectiveCounter() as fwd:
-                    out, _ = layer(x.clone())
-                with CollectiveCounter() as total:
-                    out, _ = layer(x.clone().requires_grad_(True))
-                    out.sum().backward()
-                res[kind] = dict(fwd_calls=fwd.calls, calls=total.calls, fwd_bytes=fwd.bytes)
+        for model in args.models:
+            sides, config = _sides(model, layout, pgs, args, device, dtype, baseline)
+            res = {side.name: _counts(side, x) for side in sides}
+            for name, seconds in _time_alternated(sides, x, args.iters).items():
+                res[name]["time"] = seconds
             # The NaN check (off by default, ours alone: upstream has no such check) costs an all-reduce.
-            checked = _build("ours", model, layout, pgs, args.hidden, {}, check_finite=True)
+            checked = Side("checked", _build(get_fold_moe_module_spec, config, pgs, device, dtype, check_finite=True))
             with CollectiveCounter() as total:
-                out, _ = checked(x.clone().requires_grad_(True))
-                out.sum().backward()
-            res["ours_checked_calls"] = total.calls
-            for kind, layer in layers.items():  # host syncs a GPU would make (the layers are warm by now)
-                syncs = HostSyncCounter()
-                with syncs.watching():
-                    out, _ = layer(x.clone().requires_grad_(True))
-                    syncs.backward(out.sum())
-                res[kind]["syncs"] = syncs.count
-            res["upstream"]["time"], res["ours"]["time"] = _time_side_by_side(
-                layers["upstream"], layers["ours"], x, args.iters)
-            res["min_fwd_bytes"] = _min_forward_bytes(layers["ours"], x, layout, pgs)
-            drop = dict(moe_expert_capacity_factor=1.0)
-            res["sub_time"], res["seq_time"] = _time_side_by_side(
-                _build("ours", model, layout, pgs, args.hidden, drop, "subsequence"),
-                _build("ours", model, layout, pgs, args.hidden, drop, "sequence"), x, args.iters)
-            rows[model] = res
+                checked.step(x)
+            extra = dict(checked_calls=total.calls, min_fwd_bytes=_min_forward_bytes(sides[-1].layer, x, layout, pgs))
+            dropping = _config(model, layout, args.hidden, _precision(args), moe_expert_capacity_factor=1.0)
+            scope_sides = [Side(scope, _build(get_fold_moe_module_spec, dropping, pgs, device, dtype, drop_scope=scope))
+                           for scope in ("subsequence", "sequence")]
+            scope_times = _time_alternated(scope_sides, x, args.iters)
+            extra["seq_extra"] = scope_times["sequence"] / scope_times["subsequence"] - 1
+            rows[model] = (res, extra)
         return rows
     finally:
         parallel_state.destroy_model_parallel()
 
 
-def _gpu_single_rank(args):
-    """One GPU rank, bf16: ours vs upstream (alltoall) on the same layer; prints the time ratio."""
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29533")
-    dist.init_process_group("nccl", rank=0, world_size=1)
-    torch.cuda.set_device(0)
-    layout = FoldedLayout(1)
-    pgs = parallel_state.initialize_model_parallel(layout)
-    try:
-        x = torch.randn(args.gpu_seq, 4, args.gpu_hidden, device="cuda", dtype=torch.bfloat16)
-        for model in MODELS:
-            up, ours = (_build(kind, model, layout, pgs, args.gpu_hidden, dict(params_dtype=torch.bfloat16, bf16=True))
-                        .cuda().to(torch.bfloat16) for kind in ("upstream", "ours"))
-            t_up, t_ours = _time_side_by_side(up, ours, x, args.iters)
-            print(f"GPU 1 rank bf16  {model:<36} ours/upstream time {t_ours / t_up:.2f} "
-                  f"({t_ours * 1e3:.2f} ms vs {t_up * 1e3:.2f} ms, median of {args.iters})")
-    finally:
-        parallel_state.destroy_model_parallel()
-        dist.destroy_process_group()
+# ---- the command ------------------------------------------------------------------------------------------
 
-
-def main():
+def _parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--seq", type=int, default=64, help="sequence length per data-parallel replica")
     p.add_argument("--hidden", type=int, default=64)
-    p.add_argument("--gpu-seq", type=int, default=4096)
-    p.add_argument("--gpu-hidden", type=int, default=2048)
-    args = p.parse_args()
+    p.add_argument("--layouts", nargs="+", default=LAYOUTS)
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    p.add_argument("--baseline-rev", default=None, help="also time FoldMoELayer at this git revision ('before')")
+    p.add_argument("--bf16", action="store_true", help="bf16 parameters and activations, fp32 router")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                   help="cpu: gloo ranks in CPU mode; cuda: nccl ranks, one GPU each (default: cuda where available)")
+    p.add_argument("--dry-run", action="store_true", help="check the arguments and the machine, print the plan")
+    args = p.parse_args(argv)
+    have_cuda = torch.cuda.is_available()
+    args.device = args.device or ("cuda" if have_cuda else "cpu")
+    if args.device == "cuda" and (not have_cuda or torch.cuda.device_count() < WORLD):
+        p.exit(2, f"bench_moe_layer.py: --device cuda runs {WORLD} ranks with one GPU each, but this machine has "
+                  f"{torch.cuda.device_count() if have_cuda else 0} GPU(s); use --device cpu\n")
+    if args.device == "cpu" and have_cuda:
+        p.exit(2, "bench_moe_layer.py: --device cpu needs a machine without CUDA (CPU mode answers Megatron's CUDA "
+                  "calls only there); on this GPU node use --device cuda\n")
+    if args.iters < 1 or args.seq < 1 or args.hidden < 8:
+        p.exit(2, f"bench_moe_layer.py: --iters {args.iters} and --seq {args.seq} must be >= 1, --hidden "
+                  f"{args.hidden} >= 8\n")
+    try:
+        args.layout_kwargs = []
+        for text in args.layouts:
+            layout = folded_layout(WORLD, parse_layout(text))
+            args.layout_kwargs.append(dict(tp=layout.tp, cp=layout.cp, pp=layout.pp, ep=layout.ep, etp=layout.etp))
+            if layout.pp > 1:
+                raise ValueError(f"layout {text!r}: one MoE layer has no pipeline; leave out pp")
+            for model in args.models:
+                experts = MODELS[model]["num_moe_experts"]
+                if experts % layout.ep:
+                    raise ValueError(f"layout {text!r}: {model} has {experts} experts, not divisible by EP {layout.ep}")
+            if args.seq % (2 * layout.cp if layout.cp > 1 else 1) or (args.seq // layout.cp) % layout.tp:
+                raise ValueError(f"layout {text!r}: --seq {args.seq} does not split over CP {layout.cp} and TP "
+                                 f"{layout.tp} (sequence parallelism)")
+    except ValueError as e:
+        p.exit(2, f"bench_moe_layer.py: {e}\n")
+    args.baseline = None
+    if args.baseline_rev:
+        try:  # opened here, before any rank starts (the ranks fork with it): a bad revision is one line
+            args.baseline = BaselinePackage(args.baseline_rev)
+        except (ValueError, RuntimeError) as e:
+            p.exit(2, f"bench_moe_layer.py: {e}\n")
+    return args
 
-    if torch.cuda.is_available():
-        _gpu_single_rank(args)
+
+def _plan(args) -> str:
+    sides = "Megatron's alltoall MoELayer, " + (f"ours at {args.baseline_rev} = {args.baseline.commit} (before), "
+                                                 if args.baseline else "")
+    return (f"would time {args.iters} forward+backward iterations of {', '.join(args.models)} under "
+            f"{', '.join(args.layouts)} on {WORLD} "
+            f"{'nccl ranks, one GPU each' if args.device == 'cuda' else 'gloo ranks in CPU mode'}, "
+            f"{'bf16' if args.bf16 else 'fp32'}, seq {args.seq} x batch 2 per replica, hidden {args.hidden}: "
+            f"{sides}ours, alternated; and count syncs, collectives, bytes, kernels and copies per layer")
+
+
+def main(argv=None):
+    args = _parse(argv)
+    try:
+        _run(args)
+    finally:
+        if args.baseline is not None:
+            args.baseline.close()
+
+
+def _run(args):
+    if args.dry_run:
+        print(_plan(args))
         return
-    cpu.enable_cpu_mode()
-    print(f"8 CPU gloo ranks, fp32, seq {args.seq} x batch 2 per replica, hidden {args.hidden}, "
-          f"median of {args.iters} fwd+bwd iterations, the two sides timed in alternation (max over ranks)\n")
-    header = (f"{'layout':<14} {'model':<36} {'time ours/up':>12} {'syncs ours/up':>13} {'colls ours/NaN-check/up':>24} "
-              f"{'fwd bytes ours/min':>19} {'fwd bytes up/min':>17} {'seq-scope extra':>16}")
+    if args.device == "cpu":
+        cpu.enable_cpu_mode()
+    print(f"{WORLD} {'GPU nccl' if args.device == 'cuda' else 'CPU gloo'} ranks, {'bf16' if args.bf16 else 'fp32'}, "
+          f"seq {args.seq} x batch 2 per replica, hidden {args.hidden}, median of {args.iters} fwd+bwd iterations, "
+          f"the sides timed in alternation (max over ranks)" +
+          (f"; before = FoldMoELayer at {args.baseline_rev}" if args.baseline_rev else "") + "\n")
+    cuda = args.device == "cuda"
+    cuda_header = f"{'cuda':>5}" if cuda else ""
+    header = (f"{'layout':<14} {'model':<15} {'side':<9} {'time/up':>7} {'syncs':>5}{cuda_header} "
+              f"{'colls':>5} {'KB sent':>9} {'kernels':>7} {'copies':>6} {'KB copied':>9}")
     print(header)
     print("-" * len(header))
-    for lname, lk in LAYOUTS.items():
-        per_rank = run_on_ranks(_rank, 8, lk, args, timeout=600)
-        for model in MODELS:
+    notes = []
+    for text, layout_kwargs in zip(args.layouts, args.layout_kwargs):
+        per_rank = run_on_ranks(_rank, WORLD, layout_kwargs, args, args.baseline, timeout=1800,
+                                backend="nccl" if cuda else "gloo")
+        for model in args.models:
             rs = [r[model] for r in per_rank]
-            t_ours = max(r["ours"]["time"] for r in rs)
-            t_up = max(r["upstream"]["time"] for r in rs)
-            b_min = sum(r["min_fwd_bytes"] for r in rs)
-            b_ours = sum(r["ours"]["fwd_bytes"] for r in rs)
-            b_up = sum(r["upstream"]["fwd_bytes"] for r in rs)
-            seq_extra = max(r["seq_time"] for r in rs) / max(r["sub_time"] for r in rs) - 1
-            calls = f"{rs[0]['ours']['calls']}/{rs[0]['ours_checked_calls']}/{rs[0]['upstream']['calls']}"
-            syncs = f"{max(r['ours']['syncs'] for r in rs)}/{max(r['upstream']['syncs'] for r in rs)}"
-            print(f"{lname:<14} {model:<36} {t_ours / t_up:>12.2f} {syncs:>13} {calls:>24} "
-                  f"{b_ours / b_min if b_min else float('nan'):>19.2f} "
-                  f"{b_up / b_min if b_min else float('nan'):>17.2f} {seq_extra:>+15.1%}")
-    print("\nsyncs: host-device synchronisations a GPU would make per layer (forward + backward, most over "
-          "ranks; testing.host_sync); colls: torch.distributed calls per layer on rank 0 (forward + backward, "
-          "incl. small count exchanges), ours by default and with its NaN check (check_finite=True); bytes: "
-          "tensors handed to collectives in the forward pass, summed over ranks, against the hidden-state bytes "
-          "the routing requires.")
+            up_time = max(r[0]["upstream"]["time"] for r in rs)
+            for name in rs[0][0]:
+                side = [r[0][name] for r in rs]
+                worst = {k: max(s[k] for s in side) for k in side[0]}  # the slowest / busiest rank
+                cuda_col = f" {worst['cuda_syncs']:>4}" if cuda else ""
+                print(f"{text:<14} {model:<15} {name:<9} {worst['time'] / up_time:>7.2f} {worst['syncs']:>5}{cuda_col} "
+                      f"{side[0]['calls']:>5} {worst['bytes'] / 1024:>9.1f} {worst['kernels']:>7} "
+                      f"{worst['copies']:>6} {worst['copy_bytes'] / 1024:>9.1f}")
+            b_min = sum(r[1]["min_fwd_bytes"] for r in rs)
+            b_ours = sum(r[0]["ours"]["fwd_bytes"] for r in rs)
+            b_up = sum(r[0]["upstream"]["fwd_bytes"] for r in rs)
+            ratio = (lambda b: f"{b / b_min:.2f}" if b_min else "n/a")
+            notes.append(f"{text:<14} {model:<15} forward bytes / minimum: ours {ratio(b_ours)}, upstream "
+                         f"{ratio(b_up)}; NaN check on: {rs[0][1]['checked_calls']} colls (off: "
+                         f"{rs[0][0]['ours']['calls']}); sequence-scope dropping "
+                         f"{max(r[1]['seq_extra'] for r in rs):+.1%} time over subsequence scope")
+    print("\n" + "\n".join(notes))
+    print("\ntime/up: median forward+backward time over Megatron's (slowest rank); syncs: host-device "
+          "synchronisations a GPU would make (testing.host_sync" + ("; cuda: torch.cuda.set_sync_debug_mode's count"
+                                                                    if cuda else "") +
+          "); colls: torch.distributed calls on rank 0; KB sent: bytes put on the wire, forward and backward "
+          "(busiest rank); kernels: ATen ops that launch a kernel; copies / KB copied: those that only move values "
+          "and the bytes they write (testing.op_counter, busiest rank).")
 
 
 if __name__ == "__main__":

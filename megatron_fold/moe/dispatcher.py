@@ -120,13 +120,19 @@ class _SortRows(torch.autograd.Function):
 
 def _chunk_gather_index(sizes: torch.Tensor, order: torch.Tensor, rows: int) -> torch.Tensor:
     """[rows] index that lays chunks out in `order` (output chunk j is input chunk order[j]), built on
-    the device from the chunk sizes; `rows` (their sum, known on the host) sizes it without a sync."""
+    the device from the chunk sizes with a dozen small kernels; `rows` (their sum, known on the host)
+    sizes it without a sync."""
     starts = sizes.cumsum(0) - sizes  # where each input chunk begins
     out_sizes = sizes.index_select(0, order)
-    out_starts = out_sizes.cumsum(0) - out_sizes
-    chunk = torch.repeat_interleave(torch.arange(order.numel(), device=sizes.device), out_sizes, output_size=rows)
-    within = torch.arange(rows, device=sizes.device) - out_starts.index_select(0, chunk)
-    return starts.index_select(0, order).index_select(0, chunk) + within
+    out_starts = out_sizes.cumsum(0) - out_sizes  # where each output chunk begins
+    chunk = torch.repeat_interleave(out_sizes, output_size=rows)  # the output chunk of each output row
+    shift = starts.index_select(0, order) - out_starts  # per output chunk: source row - output row
+    return torch.arange(rows, device=sizes.device) + shift.index_select(0, chunk)
+
+
+def _inverse_permutation(index: torch.Tensor) -> torch.Tensor:
+    """inverse[index[j]] = j: one scatter of distinct positions (deterministic on every device)."""
+    return torch.empty_like(index).scatter_(0, index, torch.arange(index.numel(), device=index.device))
 
 
 class _ChunkSort:
@@ -140,16 +146,14 @@ class _ChunkSort:
 
     def __init__(self, counts: torch.Tensor, rows: int, fused_sort: bool):
         T, P, L = counts.shape
-        device = counts.device
         self.arrived_sizes = counts.reshape(-1)  # chunk (t, s, l) at (t*P + s)*L + l
-        self.expert_sizes = counts.reshape(T * P, L).t().reshape(-1)  # chunk (l, t, s) at l*T*P + t*P + s
-        chunks = torch.arange(T * P * L, device=device)
-        self.to_expert_order = chunks.view(T * P, L).t().reshape(-1)
-        self.to_arrival_order = chunks.view(L, T * P).t().reshape(-1)
+        self.to_expert_order, self.to_arrival_order = _chunk_orders(T * P, L, counts.device)
         self.fused = fused_sort
-        if not fused_sort:
+        if fused_sort:
+            self.expert_sizes = counts.reshape(T * P, L).t().reshape(-1)  # chunk (l, t, s) at l*T*P + t*P + s
+        else:
             self.index = _chunk_gather_index(self.arrived_sizes, self.to_expert_order, rows)
-            self.inverse = _chunk_gather_index(self.expert_sizes, self.to_arrival_order, rows)
+            self.inverse = _inverse_permutation(self.index)
 
     def to_experts(self, hidden: torch.Tensor, probs: torch.Tensor):
         if self.fused:
@@ -160,6 +164,20 @@ class _ChunkSort:
         if self.fused:
             return fused.sort_chunks(hidden, self.expert_sizes, self.to_arrival_order)[0]
         return _SortRows.apply(self.inverse, self.index, hidden)[0]
+
+
+_ORDERS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _chunk_orders(sources: int, local_experts: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(arrival -> expert order, expert -> arrival order) of the chunks: static for a layout, made once
+    per device (as Megatron's dispatcher makes its sort_input_by_local_experts at construction)."""
+    key = (sources, local_experts, str(device))
+    if key not in _ORDERS:
+        chunks = torch.arange(sources * local_experts, device=device)
+        _ORDERS[key] = (chunks.view(sources, local_experts).t().reshape(-1),
+                        chunks.view(local_experts, sources).t().reshape(-1))
+    return _ORDERS[key]
 
 
 class FlexFoldDispatcher(MoETokenDispatcher):

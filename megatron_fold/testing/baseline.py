@@ -8,7 +8,9 @@ baseline's, so imports inside the block, at build time and at run time (modules 
 function), resolve to the baseline's; outside it, to the working tree's. Objects built inside keep their
 own classes either way; run them inside the block as well so their lazy imports find their own code.
 
-Only the package moves: both copies share torch, megatron-core and the process groups.
+Only the package moves: both copies share torch, megatron-core and the process groups, and the modules
+named in `shared` (by default megatron_fold.cpu: CPU mode patches torch.cuda process-wide, so there is
+one of it, the working tree's, or the baseline would find CPU mode off).
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ def _ours(name: str) -> bool:
 class BaselinePackage:
     """The `megatron_fold` package of git revision `rev` of the repository `repo` (this checkout by default)."""
 
-    def __init__(self, rev: str, repo: str | Path = _REPO):
+    def __init__(self, rev: str, repo: str | Path = _REPO, shared: tuple[str, ...] = ("megatron_fold.cpu",)):
+        self.shared = shared
         found = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "--verify", f"{rev}^{{commit}}"],
                                capture_output=True, text=True)
         if found.returncode:
@@ -60,6 +63,7 @@ class BaselinePackage:
         """Imports of megatron_fold inside the block are the baseline's."""
         current = {name: sys.modules.pop(name) for name in list(sys.modules) if _ours(name)}
         sys.modules.update(self._modules)
+        sys.modules.update({name: current[name] for name in self.shared if name in current})
         sys.path.insert(0, self.path)
         importlib.invalidate_caches()
         try:

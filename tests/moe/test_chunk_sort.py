@@ -3,7 +3,7 @@ sort_chunks_by_idxs does exactly that), including empty chunks; its inverse rest
 
 import torch
 
-from megatron_fold.moe.dispatcher import _chunk_gather_index, _SortRows
+from megatron_fold.moe.dispatcher import _chunk_gather_index, _inverse_permutation, _SortRows
 
 
 def _split_cat(rows: torch.Tensor, sizes: list[int], order: list[int]) -> torch.Tensor:
@@ -25,10 +25,12 @@ def test_chunk_gather_index_matches_split_and_cat():
             chunks = torch.arange(T * P * L)
             index = _chunk_gather_index(counts.reshape(-1), chunks.view(T * P, L).t().reshape(-1), rows)
             assert torch.equal(data.index_select(0, index), expected)
-            # The way back: chunks in expert order [l][t][s] return to arrival order [t][s][l].
+            # The way back: chunks in expert order [l][t][s] return to arrival order [t][s][l], both by the
+            # inverse permutation and by the same construction from the expert-order sizes.
             expert_sizes = counts.reshape(T * P, L).t().reshape(-1)
-            inverse = _chunk_gather_index(expert_sizes, chunks.view(L, T * P).t().reshape(-1), rows)
-            assert torch.equal(expected.index_select(0, inverse), data)
+            back = _chunk_gather_index(expert_sizes, chunks.view(L, T * P).t().reshape(-1), rows)
+            assert torch.equal(expected.index_select(0, back), data)
+            assert torch.equal(_inverse_permutation(index), back)
 
 
 def test_sort_rows_backward_is_the_inverse_gather():
