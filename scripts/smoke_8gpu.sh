@@ -134,10 +134,11 @@ EOF
   else
     FAILED+=("(c) baseline run with Megatron's alltoall dispatcher: see $OUT/baseline-alltoall.log")
   fi
-  # bench_moe_layer.py: side-by-side layer ratios on 8 gloo ranks plus one GPU rank in bf16 (it has no
-  # 8-GPU mode yet; the whole-model ratio above is the 8-GPU number).
-  if run "$PYTHON" "$ROOT/scripts/bench_moe_layer.py" > "$OUT/layer_step_time.txt" 2>&1; then
-    ok "(c) per-layer step-time ratios (8 gloo ranks + 1 GPU rank): $OUT/layer_step_time.txt"
+  # bench_moe_layer.py: per-layer ratios, syncs, bytes, kernels and copies against Megatron's alltoall
+  # MoELayer on 8 nccl ranks, one GPU each (the all-to-alls cross GPUs), bf16, at GPU-sized shapes.
+  if run "$PYTHON" "$ROOT/scripts/bench_moe_layer.py" --device cuda --bf16 --seq 4096 --hidden 1024 --iters 20 \
+      > "$OUT/layer_step_time.txt" 2>&1; then
+    ok "(c) per-layer ratios on 8 GPUs (bench_moe_layer.py --device cuda --bf16): $OUT/layer_step_time.txt"
   else
     FAILED+=("(c) per-layer benchmark: see $OUT/layer_step_time.txt")
   fi
