@@ -18,7 +18,9 @@ Token dropping (`moe_expert_capacity_factor`) has two scopes (see capacity.py):
   are all-gathered over the ranks holding one micro-batch's tokens (attention TP x CP with sequence
   parallelism, CP alone without it), put back in true token order (undoing sequence parallelism and
   CP's load-balanced chunks), drops decided per (sequence, expert) with capacity
-  ceil(seq_len * topk / E * cf), and this rank's rows kept. Every layout then drops the same tokens
+  ceil(seq_len * topk / E * cf), and this rank's rows kept; each member of the token group sorts only
+  a share of the experts and the members exchange the kept sets' thresholds (sequence_drop.py). Every
+  layout then drops the same tokens
   (given the same router scores: a gating GEMM whose rounding changed with the layout could still
   flip a near-tie).
 Drop decisions are made without gradient; the probabilities of kept tokens keep their graph.
@@ -46,7 +48,7 @@ fails to broadcast ([tokens, E] & [tokens]); ours masks rows.
 Metrics of the latest forward (detached; layout-invariant with sequence scope):
 `last_tokens_per_expert` and `last_tokens_per_expert_before_drop` ([E] int64, the layer's whole input,
 i.e. summed over the token group), `last_dropped_fraction` (0-d float64 tensor, no host sync).
-Sequence scope derives them from the keys it gathered anyway. Otherwise the forward keeps this rank's
+Sequence scope derives them from the gathered keys and thresholds it exchanges anyway. Otherwise the forward keeps this rank's
 counts and the first read after it all-reduces 2*E counts over the token group (TP x CP): metrics are
 for logging steps, so the training path pays no collective for them (as upstream, which reduces its
 token counts only when it logs). Such a read is a collective: make it on every rank of that group.
@@ -69,6 +71,7 @@ from megatron_fold.moe import fused
 from megatron_fold.moe.capacity import DropScope, expert_capacity
 from megatron_fold.moe.comm import CommCounter
 from megatron_fold.moe.flags import load_balancing_types, validate_fold_moe_config
+from megatron_fold.moe.sequence_drop import expert_shares, keep_mask, share_record
 from megatron_fold.moe.token_order import local_token_positions
 
 __all__ = ["FoldRouter", "NonFiniteRouterScores"]
@@ -136,6 +139,7 @@ class FoldRouter(TopKRouter):
         self.comm_counter = CommCounter()
         self._member_coords: list[tuple[int, int]] | None = None  # (seq tp rank, cp rank) per token-group rank
         self._order_cache: tuple | None = None  # ((sequence length, device), _token_order(...))
+        self._columns_cache: tuple | None = None  # (shares key, _share_columns(...))
 
         self._counts: torch.Tensor | None = None  # [2, E] int64: routed, kept (padding excluded)
         self._counts_reduced = False  # whether _counts already cover the whole token group
@@ -417,26 +421,48 @@ class FoldRouter(TopKRouter):
 
     def _sequence_keep(self, key: torch.Tensor, seq_length: int, bsz: int, cf: float):
         """Keep mask [S_local*B, E] for this rank's rows, decided per (sequence, expert) over whole
-        sequences, and the token group's counts [2, E] (routed, kept) read off the gathered keys."""
+        sequences, and the token group's counts [2, E] (routed, kept). With a token group of G > 1
+        ranks, each sorts a share of the experts and one small all-gather shares the thresholds
+        (sequence_drop.py): the same decision as one rank sorting everything."""
         E = self.num_experts
         key = key.view(seq_length, bsz, E)  # [S_local, B, E]
         full_len = seq_length * self.seq_tp_size * self.cp_size
+        capacity = expert_capacity(full_len, self.topk, E, cf)
         group_size = dist.get_world_size(self.token_group)
         if group_size == 1:
-            full = key  # [S, B, E]
-        else:
-            true_order, mine = self._token_order(full_len, key.device)
-            gathered = key.new_empty(group_size * seq_length, bsz, E)  # group members' rows, member-major
-            dist.all_gather_into_tensor(gathered, key.contiguous(), group=self.token_group)
-            self.comm_counter.record("all_gather_scores", key.numel() * key.element_size() * (group_size - 1))
-            full = gathered.index_select(0, true_order)  # [S, B, E] in true token order
-        capacity = expert_capacity(full_len, self.topk, E, cf)
-        keep_full = _keep_top(full, capacity, dim=0)  # [S, B, E]
-        routed = full > _UNROUTED
-        counts = torch.stack([routed.sum(dim=(0, 1)), (routed & keep_full).sum(dim=(0, 1))])  # [2, E]
-        if group_size > 1:
-            keep_full = keep_full.index_select(0, mine)  # this rank's rows
-        return keep_full.reshape(-1, E), counts
+            keep = _keep_top(key, capacity, dim=0)  # [S, B, E]
+            routed = key > _UNROUTED
+            counts = torch.stack([routed.sum(dim=(0, 1)), (routed & keep).sum(dim=(0, 1))])  # [2, E]
+            return keep.reshape(-1, E), counts
+        true_order, mine = self._token_order(full_len, key.device)
+        gathered = key.new_empty(group_size * seq_length, bsz, E)  # group members' rows, member-major
+        dist.all_gather_into_tensor(gathered, key.contiguous(), group=self.token_group)
+        self.comm_counter.record("all_gather_scores", key.numel() * key.element_size() * (group_size - 1))
+        full = gathered.index_select(0, true_order)  # [S, B, E] in true token order
+        starts, sizes = expert_shares(E, group_size)
+        me, width = dist.get_rank(self.token_group), max(sizes)
+        record = share_record(full.narrow(2, starts[me], sizes[me]), capacity, _UNROUTED, width)
+        records = record.new_empty(group_size * record.numel())
+        dist.all_gather_into_tensor(records, record, group=self.token_group)
+        records = records.view(group_size, -1)
+        self.comm_counter.record("all_gather_drop_thresholds", record.numel() * record.element_size() * (group_size - 1))
+        columns = self._share_columns(E, group_size, width, key.device)  # [E]: member-major column of each expert
+        thresholds = records[:, :bsz * width * 2].view(group_size, bsz, width, 2).transpose(0, 1)
+        thresholds = thresholds.reshape(bsz, group_size * width, 2).index_select(1, columns)  # [B, E, 2]
+        counts = records[:, bsz * width * 2:].view(group_size, 2, width).transpose(0, 1).reshape(2, -1)
+        counts = counts.index_select(1, columns).to(torch.long)  # [2, E]
+        keep = keep_mask(key, mine.view(-1, 1, 1), thresholds[..., 0], thresholds[..., 1])  # [S_local, B, E]
+        return keep.reshape(-1, E), counts
+
+    def _share_columns(self, num_experts: int, group_size: int, width: int, device) -> torch.Tensor:
+        """[E] index of each expert among the gathered records' member-major, `width`-padded columns;
+        made once per device (no host-to-device copy on the training path)."""
+        key = (num_experts, group_size, width, str(device))
+        if self._columns_cache is None or self._columns_cache[0] != key:
+            starts, sizes = expert_shares(num_experts, group_size)
+            columns = [g * width + j for g in range(group_size) for j in range(sizes[g])]
+            self._columns_cache = (key, torch.tensor(columns, dtype=torch.long, device=device))
+        return self._columns_cache[1]
 
     def _positions(self, full_len: int, tp_rank: int, cp_rank: int, device) -> torch.Tensor:
         return local_token_positions(full_len, tp_rank, self.seq_tp_size, cp_rank, self.cp_size, device)

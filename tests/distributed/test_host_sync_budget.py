@@ -8,6 +8,8 @@ permutation, whose output size is data-dependent), capacity with padding 0 (stat
 The counter itself is checked against hand-written code with a known number of syncs.
 """
 
+import functools
+
 import pytest
 import torch
 from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
@@ -29,8 +31,9 @@ MODES = {
     "dropless": dict(),
     "capacity+pad": dict(moe_expert_capacity_factor=1.0, moe_pad_expert_input_to_capacity=True),
     "capacity": dict(moe_expert_capacity_factor=1.0),
+    "capacity, sequence scope": dict(moe_expert_capacity_factor=1.0),  # ours only: Megatron's capacity mode
 }
-MEGATRON_BUDGET = {"dropless": 1, "capacity+pad": 0, "capacity": 1}
+MEGATRON_BUDGET = {"dropless": 1, "capacity+pad": 0, "capacity": 1, "capacity, sequence scope": 1}
 
 
 def _count(layer_factory, x, counter_kwargs=None):
@@ -63,8 +66,9 @@ def _budget(rank, world_size, layout_kwargs):
                 ref.load_full_weights(layer, weights, pgs)
                 return layer
 
+            scope = "sequence" if "sequence scope" in mode else "subsequence"
             megatron = _count(lambda: build(get_moe_module_spec), x)
-            ours = _count(lambda: build(get_fold_moe_module_spec), x)
+            ours = _count(lambda: build(functools.partial(get_fold_moe_module_spec, drop_scope=scope)), x)
             results[mode] = (megatron.count, ours.count, ours.points, megatron.points)
         return results
     finally:

@@ -47,6 +47,10 @@ CASES = {  # name: (reference, config overrides); every case drops tokens with s
     "probs-top2-e8-exact-ties": ("replica", dict(moe_expert_capacity_factor=0.5)),
     "sigmoid-expert-bias": ("pooled", dict(moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
                                            moe_expert_capacity_factor=1.0)),
+    "probs-top2-e6-uneven-shares": ("replica", dict(num_moe_experts=6, moe_expert_capacity_factor=1.0)),
+    "position-top1-e3-fewer-than-members": ("replica", dict(num_moe_experts=3, moe_router_topk=1, moe_router_pre_softmax=True,
+                                                            moe_expert_capacity_factor=1.0,
+                                                            moe_token_drop_policy="position")),
     "global-aux": ("pooled", dict(moe_router_load_balancing_type="global_aux_loss", moe_aux_loss_coeff=0.1,
                                   moe_expert_capacity_factor=0.5)),
 }
@@ -232,15 +236,18 @@ def test_losses_and_drops_are_exercised(single):
 
 
 def test_sequence_scope_collectives(single):
-    """One all-gather of E floats per token (plus a one-time coordinate gather; the finite check is off by
-    default); token counts come from the gathered keys, without a collective of their own."""
+    """One all-gather of E floats per token and one of the kept sets' thresholds (B x ceil(E/G) x 2 plus
+    2 x ceil(E/G) float64 per member), plus a one-time coordinate gather; the finite check is off by
+    default; token counts travel with the thresholds, without a collective of their own."""
     layout = FoldedLayout(8, tp=2, cp=2)
     results = run_on_ranks(_multi, 8, dict(tp=2, cp=2), timeout=120)
     for rank, result in enumerate(results):
         calls, sent = result["cases"]["probs-top2-e8-aux+z"]["comm"]
         local_tokens = S // (layout.tp * layout.cp) * B
-        assert calls == {"all_gather_coords": 1, "all_gather_scores": 1}, rank
-        assert sent["all_gather_scores"] == local_tokens * 8 * 4 * (layout.tp * layout.cp - 1), rank
+        G = layout.tp * layout.cp
+        assert calls == {"all_gather_coords": 1, "all_gather_scores": 1, "all_gather_drop_thresholds": 1}, rank
+        assert sent["all_gather_scores"] == local_tokens * 8 * 4 * (G - 1), rank
+        assert sent["all_gather_drop_thresholds"] == (B * (8 // G) * 2 + 2 * (8 // G)) * 8 * (G - 1), rank
 
 
 # ---- without sequence parallelism, subsequence scope, non-finite logits ----------------------------------
@@ -329,3 +336,32 @@ def test_one_rank_non_finite_raises_on_every_rank():
         assert error is not None and error.startswith(
             f"MoE layer 4: router scores are NaN or infinite for {local} of 8 tokens on this rank "
             "(1 on the ranks of this pipeline stage)"), (rank, error)
+
+
+def _sorted_shapes(rank, world_size):
+    """The shapes every torch.sort of a sequence-scope forward sees, on TP2 x CP2 (a token group of 4)."""
+    layout = FoldedLayout(world_size, tp=2, cp=2)
+    pgs = parallel_state.initialize_model_parallel(layout)
+    shapes, real_sort = [], torch.sort
+
+    def recording(t, *args, **kwargs):
+        shapes.append(tuple(t.shape))
+        return real_sort(t, *args, **kwargs)
+
+    torch.sort = recording  # for this forward only: restored below
+    try:
+        name = "probs-top2-e8-aux+z"
+        router = FoldRouter(_config(layout, name), pg_collection=pgs, drop_scope="sequence")
+        router.set_layer_number(1)
+        x, _ = _inputs(name, layout.rank_coords(rank)["dp"])
+        router(_shard(x, pgs))
+        return shapes
+    finally:
+        torch.sort = real_sort
+        parallel_state.destroy_model_parallel()
+
+
+def test_each_member_sorts_a_quarter_of_the_experts():
+    # 8 experts over a token group of 4: every member sorts the whole sequence (S) for 2 experts, once.
+    for rank, shapes in enumerate(run_on_ranks(_sorted_shapes, 8, timeout=120)):
+        assert shapes == [(S, B, 2)], (rank, shapes)
