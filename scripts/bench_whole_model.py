@@ -82,7 +82,7 @@ def _rank(rank, world_size, layout_kwargs, family, steps, device_kind="cpu", bf1
         parallel_state.destroy_model_parallel()
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--layouts", nargs="+", default=["tp2,ep4,etp1", "ep8", "cp2,pp2,ep4"])
@@ -91,7 +91,7 @@ def main() -> None:
                         help="cpu: gloo ranks in CPU mode; cuda: nccl ranks, one GPU each (default: cuda where available)")
     parser.add_argument("--bf16", action="store_true", help="Megatron's bf16 mixed precision")
     parser.add_argument("--dry-run", action="store_true", help="check the arguments and the machine, print the plan")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     have_cuda = torch.cuda.is_available()
     device = args.device or ("cuda" if have_cuda else "cpu")
     if device == "cuda" and (not have_cuda or torch.cuda.device_count() < WORLD):

@@ -251,13 +251,13 @@ def timing(pgs, tokens: int, iters: int) -> None:
         torch.cuda.empty_cache()
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tokens", type=int, default=4096)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--skip-timing", action="store_true")
     p.add_argument("--dry-run", action="store_true", help="build and check every configuration, print the plan, exit")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.dry_run:
         print("\n".join(dry_run()))
         missing = _missing_gpu_or_te()

@@ -11,29 +11,35 @@ import sys
 import pytest
 import torch
 
+from tests.script_main import run_main
+
 SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "bench_moe_layer.py"
 
 
-def _run(*args, timeout=300):  # each run imports torch and Megatron (about 6 s of CPU)
+def _run(*args, timeout=300):  # a run of its own imports torch and Megatron (about 6 s of CPU)
     return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout)
 
 
+def _main(capsys, *args):
+    return run_main(capsys, "bench_moe_layer.py", *args)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU tier's checks; a GPU node takes --device cuda")
-def test_dry_run_and_refusals_on_a_machine_without_cuda():
-    r = _run("--dry-run", "--bf16", "--layouts", "tp2,ep4,etp1", "--models", "mixtral-like", "--iters", "3",
-             "--baseline-rev", "HEAD")
-    assert r.returncode == 0, r.stderr[-2000:]
+def test_dry_run_and_refusals_on_a_machine_without_cuda(capsys):
+    status, out, err = _main(capsys, "--dry-run", "--bf16", "--layouts", "tp2,ep4,etp1", "--models", "mixtral-like",
+                             "--iters", "3", "--baseline-rev", "HEAD")
+    assert status == 0, err
     assert re.search(r"would time 3 forward\+backward iterations of mixtral-like under tp2,ep4,etp1 on 8 gloo ranks "
                      r"in CPU mode, bf16, .*Megatron's alltoall MoELayer, ours at HEAD = [0-9a-f]+ \(before\), ours",
-                     r.stdout), r.stdout
-    r = _run("--device", "cuda", "--dry-run")
-    assert r.returncode == 2 and "--device cuda runs 8 ranks with one GPU each, but this machine has 0 GPU(s)" in r.stderr
-    r = _run("--layouts", "tp3,ep4", "--dry-run")
-    assert r.returncode == 2 and "world_size 8 is not divisible by TP*CP*PP = 3*1*1 = 3" in r.stderr
-    r = _run("--layouts", "cp2,ep8", "--seq", "6", "--dry-run")
-    assert r.returncode == 2 and "--seq 6 does not split over CP 2 and TP 1" in r.stderr
-    r = _run("--baseline-rev", "no-such-revision", "--dry-run")
-    assert r.returncode == 2 and "baseline revision 'no-such-revision' is not a commit of" in r.stderr
+                     out), out
+    status, _, err = _main(capsys, "--device", "cuda", "--dry-run")
+    assert status == 2 and "--device cuda runs 8 ranks with one GPU each, but this machine has 0 GPU(s)" in err
+    status, _, err = _main(capsys, "--layouts", "tp3,ep4", "--dry-run")
+    assert status == 2 and "world_size 8 is not divisible by TP*CP*PP = 3*1*1 = 3" in err
+    status, _, err = _main(capsys, "--layouts", "cp2,ep8", "--seq", "6", "--dry-run")
+    assert status == 2 and "--seq 6 does not split over CP 2 and TP 1" in err
+    status, _, err = _main(capsys, "--baseline-rev", "no-such-revision", "--dry-run")
+    assert status == 2 and "baseline revision 'no-such-revision' is not a commit of" in err
 
 
 def _table(stdout):

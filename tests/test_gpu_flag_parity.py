@@ -4,11 +4,11 @@ itself exits 2 naming what the machine lacks."""
 
 import importlib.util
 import pathlib
-import subprocess
-import sys
 
 import pytest
 import torch
+
+from tests.script_main import run_main
 
 SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "gpu_flag_parity.py"
 
@@ -21,15 +21,15 @@ def _module():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
-def test_dry_run_plans_and_the_run_is_refused_without_a_gpu():
-    r = subprocess.run([sys.executable, str(SCRIPT), "--dry-run"], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
-    lines = r.stdout.splitlines()
+def test_dry_run_plans_and_the_run_is_refused_without_a_gpu(capsys):
+    status, out, err = run_main(capsys, "gpu_flag_parity.py", "--dry-run")
+    assert status == 0, err
+    lines = out.splitlines()
     assert sum(line.startswith("parity ") for line in lines) == 11  # 2 scopes x 5 flag sets + the chunk sort
-    assert "time qwen2-57b-a14b +shared-overlap: ours, ours with check_finite, Megatron alltoall" in r.stdout
-    assert "machine: gpu_flag_parity.py needs a CUDA GPU" in r.stdout
-    r = subprocess.run([sys.executable, str(SCRIPT)], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 2 and "gpu_flag_parity.py: error: gpu_flag_parity.py needs a CUDA GPU" in r.stderr
+    assert "time qwen2-57b-a14b +shared-overlap: ours, ours with check_finite, Megatron alltoall" in out
+    assert "machine: gpu_flag_parity.py needs a CUDA GPU" in out
+    status, _, err = run_main(capsys, "gpu_flag_parity.py")
+    assert status == 2 and "gpu_flag_parity.py: error: gpu_flag_parity.py needs a CUDA GPU" in err
 
 
 def test_dry_run_refuses_a_configuration_the_fused_kernels_refuse():
