@@ -336,32 +336,3 @@ def test_one_rank_non_finite_raises_on_every_rank():
         assert error is not None and error.startswith(
             f"MoE layer 4: router scores are NaN or infinite for {local} of 8 tokens on this rank "
             "(1 on the ranks of this pipeline stage)"), (rank, error)
-
-
-def _sorted_shapes(rank, world_size):
-    """The shapes every torch.sort of a sequence-scope forward sees, on TP2 x CP2 (a token group of 4)."""
-    layout = FoldedLayout(world_size, tp=2, cp=2)
-    pgs = parallel_state.initialize_model_parallel(layout)
-    shapes, real_sort = [], torch.sort
-
-    def recording(t, *args, **kwargs):
-        shapes.append(tuple(t.shape))
-        return real_sort(t, *args, **kwargs)
-
-    torch.sort = recording  # for this forward only: restored below
-    try:
-        name = "probs-top2-e8-aux+z"
-        router = FoldRouter(_config(layout, name), pg_collection=pgs, drop_scope="sequence")
-        router.set_layer_number(1)
-        x, _ = _inputs(name, layout.rank_coords(rank)["dp"])
-        router(_shard(x, pgs))
-        return shapes
-    finally:
-        torch.sort = real_sort
-        parallel_state.destroy_model_parallel()
-
-
-def test_each_member_sorts_a_quarter_of_the_experts():
-    # 8 experts over a token group of 4: every member sorts the whole sequence (S) for 2 experts, once.
-    for rank, shapes in enumerate(run_on_ranks(_sorted_shapes, 8, timeout=120)):
-        assert shapes == [(S, B, 2)], (rank, shapes)
