@@ -53,6 +53,7 @@ class BaselinePackage:
             tar.extractall(self._directory.name, filter="data")
         self.path = self._directory.name
         self._modules: dict[str, ModuleType] = {}
+        self._depth = 0
         with self.active():
             package = importlib.import_module(_PACKAGE)
         if not str(Path(package.__file__).resolve()).startswith(str(Path(self.path).resolve())):
@@ -60,7 +61,12 @@ class BaselinePackage:
 
     @contextlib.contextmanager
     def active(self):
-        """Imports of megatron_fold inside the block are the baseline's."""
+        """Imports of megatron_fold inside the block are the baseline's (re-entrant: an inner block
+        changes nothing)."""
+        if self._depth:
+            yield self
+            return
+        self._depth += 1
         current = {name: sys.modules.pop(name) for name in list(sys.modules) if _ours(name)}
         sys.modules.update(self._modules)
         sys.modules.update({name: current[name] for name in self.shared if name in current})
@@ -72,6 +78,7 @@ class BaselinePackage:
             self._modules = {name: sys.modules.pop(name) for name in list(sys.modules) if _ours(name)}
             sys.path.remove(self.path)
             sys.modules.update(current)
+            self._depth -= 1
 
     def module(self, name: str) -> ModuleType:
         """The baseline's module `name` (e.g. "megatron_fold.specs"), imported on first use."""

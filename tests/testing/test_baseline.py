@@ -40,6 +40,9 @@ def test_baseline_imports_beside_the_working_tree(tmp_path):
         lazy = baseline.module("megatron_fold.sub.lazy")
         with baseline.active():
             assert lazy.value() == 1
+            with baseline.active():  # nested: still the baseline, and still after the inner block
+                assert lazy.value() == 1
+            assert lazy.value() == 1
         # Outside the block, the working tree's package, untouched.
         import megatron_fold as current
         assert current is megatron_fold and not hasattr(current, "VALUE")
