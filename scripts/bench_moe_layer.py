@@ -5,8 +5,8 @@ at another git revision), side by side in one run.
 Forward + backward of a Mixtral-like layer (8 experts, top-2) and a Qwen2-MoE-like layer (64 experts,
 top-8, shared expert), scaled down, under the same folded layouts and weights on 8 ranks. Per layout,
 model and side, per layer (forward + backward):
-- time: median over --iters, every side timed in alternation (A B C A B C ...) so that machine noise
-  and drift hit all alike; the ratio is to Megatron's;
+- time: median over --iters, every side timed in alternation, the order rotated each round, so that
+  machine noise, drift and the slot's bias hit all alike; the ratio is to Megatron's;
 - syncs: host-device synchronisations a GPU would make (testing.host_sync; on CUDA also the warnings of
   torch.cuda.set_sync_debug_mode);
 - colls, KB sent: torch.distributed calls and the bytes this rank puts on the wire (all collectives);
@@ -184,11 +184,13 @@ def _settle(x):  # every rank, and the GPU's queue, done with what came before
 
 
 def _time_alternated(sides, x, iters):
-    """Median seconds of each side's forward + backward, the sides timed in turn (A B C A B C ...).
-    One untimed round first warms up allocators and caches."""
+    """Median seconds of each side's forward + backward, the sides timed in turn, the order rotated every
+    round (A B C, B C A, C A B, ...): on a loaded machine the slot a side runs in biases its time by a few
+    percent, so no side keeps one slot. One untimed round first warms up allocators and caches."""
     times = {side.name: [] for side in sides}
     for round_ in range(iters + 1):
-        for side in sides:
+        shift = round_ % len(sides)
+        for side in sides[shift:] + sides[:shift]:
             _settle(x)
             start = time.perf_counter()
             side.step(x)
