@@ -133,12 +133,25 @@ class Side:
     def step(self, x, counter=None):
         """Forward + backward; with a HostSyncCounter, its backward so the mode sees autograd's ops."""
         with self.context():
-            out, _ = self.layer(x.clone().requires_grad_(True))
-            loss = out.float().sum()
-            if counter is not None:
-                counter.backward(loss)
-            else:
-                loss.backward()
+            self._step(x, counter)
+
+    def timed_step(self, x) -> float:
+        """Seconds of one forward + backward, all ranks and the device settled before and after; the
+        import context is entered outside the timed span (swapping sys.modules costs milliseconds)."""
+        with self.context():
+            _settle(x)
+            start = time.perf_counter()
+            self._step(x)
+            _settle(x)
+            return time.perf_counter() - start
+
+    def _step(self, x, counter=None):
+        out, _ = self.layer(x.clone().requires_grad_(True))
+        loss = out.float().sum()
+        if counter is not None:
+            counter.backward(loss)
+        else:
+            loss.backward()
 
 
 def _config(model, layout, hidden, precision, **extra):
@@ -191,12 +204,9 @@ def _time_alternated(sides, x, iters):
     for round_ in range(iters + 1):
         shift = round_ % len(sides)
         for side in sides[shift:] + sides[:shift]:
-            _settle(x)
-            start = time.perf_counter()
-            side.step(x)
-            _settle(x)
+            seconds = side.timed_step(x)
             if round_:
-                times[side.name].append(time.perf_counter() - start)
+                times[side.name].append(seconds)
     return {name: statistics.median(t) for name, t in times.items()}
 
 

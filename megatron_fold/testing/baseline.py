@@ -31,8 +31,11 @@ _PACKAGE = "megatron_fold"
 _REPO = Path(__file__).resolve().parents[2]
 
 
-def _ours(name: str) -> bool:
-    return name == _PACKAGE or name.startswith(_PACKAGE + ".")
+def _ours(modules) -> list[str]:
+    """The names of megatron_fold and its submodules among `modules` (a comprehension: sys.modules holds
+    thousands of names and a swap runs per call of a benchmarked layer)."""
+    prefix = _PACKAGE + "."
+    return [name for name in modules if name == _PACKAGE or name.startswith(prefix)]
 
 
 class BaselinePackage:
@@ -67,15 +70,14 @@ class BaselinePackage:
             yield self
             return
         self._depth += 1
-        current = {name: sys.modules.pop(name) for name in list(sys.modules) if _ours(name)}
+        current = {name: sys.modules.pop(name) for name in _ours(sys.modules)}
         sys.modules.update(self._modules)
         sys.modules.update({name: current[name] for name in self.shared if name in current})
         sys.path.insert(0, self.path)
-        importlib.invalidate_caches()
         try:
             yield self
         finally:
-            self._modules = {name: sys.modules.pop(name) for name in list(sys.modules) if _ours(name)}
+            self._modules = {name: sys.modules.pop(name) for name in _ours(sys.modules)}
             sys.path.remove(self.path)
             sys.modules.update(current)
             self._depth -= 1
