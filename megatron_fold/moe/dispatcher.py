@@ -109,12 +109,12 @@ class _SortRows(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, index: torch.Tensor, inverse: torch.Tensor, *tensors: torch.Tensor):
-        ctx.save_for_backward(inverse, index)
+        ctx.save_for_backward(inverse)
         return tuple(t.index_select(0, index) for t in tensors)
 
     @staticmethod
     def backward(ctx, *grads):
-        inverse, _ = ctx.saved_tensors
+        (inverse,) = ctx.saved_tensors
         return (None, None, *(g.index_select(0, inverse) for g in grads))
 
 
